@@ -1,0 +1,3 @@
+"""loretta: LoReTTa multimodal pretraining on DeepSpeed ZeRO-3."""
+
+__version__ = "0.1.0"

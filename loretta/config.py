@@ -1,0 +1,295 @@
+"""The training configuration: one typed dataclass per component, validated all at once.
+
+Every number has one home here. The DeepSpeed JSON receives batch size, learning rate, clipping
+and precision from this config (see loretta/engine.py); a conflicting value there is an error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from loretta.configlib import apply_overrides, dump_yaml, from_dict, read_source
+from loretta.errors import ConfigError
+from loretta.model.config import DecoderConfig
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass
+class RunConfig:
+    name: str = "loretta"
+    run_dir: str = "runs/{name}"  # '{name}' is replaced by run.name
+    seed: int = 0
+    steps: int = 100  # optimizer steps
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Precision = "fp32"
+
+    @property
+    def path(self) -> Path:
+        return Path(self.run_dir.replace("{name}", self.name))
+
+    def problems(self, p: str = "run") -> list[str]:
+        out = []
+        if not self.name or "/" in self.name:
+            out.append(f"{p}.name={self.name!r}: must be a non-empty name without '/'")
+        if self.steps < 1:
+            out.append(f"{p}.steps={self.steps}: must be >= 1")
+        if self.seed < 0:
+            out.append(f"{p}.seed={self.seed}: must be >= 0")
+        return out
+
+
+@dataclass
+class SynthModality:
+    size: int = 64  # local ids 0..size-1
+    min_len: int = 8
+    max_len: int = 32
+
+
+@dataclass
+class SyntheticConfig:
+    """A generated dataset written as real shards when the source path has none (smoke tests,
+    the quickstart). Samples are class-conditioned token patterns, so a model can learn them."""
+
+    samples: int = 2000
+    classes: int = 10
+    seed: int = 0
+    modalities: dict[str, SynthModality] = field(default_factory=dict)
+    samples_per_shard: int = 500
+
+
+@dataclass
+class SourceConfig:
+    name: str = ""
+    path: str = ""  # dataset folder or URL holding manifest.json (webdataset tars or MDS)
+    weight: float = 1.0  # share of training *tokens*
+    modalities: list[str] = field(default_factory=list)  # [] = every modality a sample has
+    synthetic: SyntheticConfig | None = None
+
+
+@dataclass
+class SequenceConfig:
+    order: Literal["random", "fixed"] = "random"  # random: commutative (shuffled modality blocks)
+    fixed_order: list[str] = field(default_factory=list)  # order when fixed ([] = layout order)
+    add_bos: bool = True
+    add_eos: bool = True
+    max_tokens: dict[str, int] = field(default_factory=dict)  # per-modality truncation
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list)
+    seq_len: int = 256
+    micro_batch_size: int = 8  # rows per rank per micro step
+    num_workers: int = 0
+    prefetch_factor: int = 2
+    sequence: SequenceConfig = field(default_factory=SequenceConfig)
+    mix_by: Literal["tokens", "samples"] = "tokens"  # what source weights are shares of
+    pack_lookahead: int = 16  # samples held back to fill rows (best fit)
+    on_error: Literal["raise", "skip"] = "raise"
+    max_skipped: int = 1000  # skip policy: raise after this many bad samples
+    verify_checksums: bool = False
+    cache_dir: str = ""  # local copies of remote shards ('' = <run_dir>/cache)
+
+    def problems(self, p: str = "data") -> list[str]:
+        out = []
+        if not self.sources:
+            out.append(f"{p}.sources: empty; add at least one {{name, path, weight}} source")
+        names = [s.name for s in self.sources]
+        for i, s in enumerate(self.sources):
+            w = f"{p}.sources.{i}"
+            if not s.name:
+                out.append(f"{w}.name: empty; give each source a short name")
+            elif names.count(s.name) > 1:
+                out.append(f"{w}.name={s.name!r}: used by more than one source; names must differ")
+            if not s.path:
+                out.append(f"{w}.path: empty; point it at a dataset folder with manifest.json")
+            if not s.weight > 0:
+                out.append(f"{w}.weight={s.weight}: must be > 0 (token share of this source)")
+            if s.synthetic is not None:
+                syn = s.synthetic
+                if syn.samples < 1 or syn.classes < 1 or syn.samples_per_shard < 1:
+                    out.append(f"{w}.synthetic: samples, classes, samples_per_shard must be >= 1")
+                if not syn.modalities:
+                    out.append(f"{w}.synthetic.modalities: empty; name at least one modality")
+                for m, sm in syn.modalities.items():
+                    if sm.size < 1 or not 1 <= sm.min_len <= sm.max_len:
+                        out.append(
+                            f"{w}.synthetic.modalities.{m}: need size >= 1 and "
+                            f"1 <= min_len <= max_len (got {sm})"
+                        )
+        if self.seq_len < 8:
+            out.append(f"{p}.seq_len={self.seq_len}: must be >= 8")
+        if self.micro_batch_size < 1:
+            out.append(f"{p}.micro_batch_size={self.micro_batch_size}: must be >= 1")
+        if self.num_workers < 0:
+            out.append(f"{p}.num_workers={self.num_workers}: must be >= 0 (0 = main process)")
+        if self.prefetch_factor < 1:
+            out.append(f"{p}.prefetch_factor={self.prefetch_factor}: must be >= 1")
+        if self.pack_lookahead < 1:
+            out.append(f"{p}.pack_lookahead={self.pack_lookahead}: must be >= 1")
+        if self.max_skipped < 0:
+            out.append(f"{p}.max_skipped={self.max_skipped}: must be >= 0")
+        for m, n in self.sequence.max_tokens.items():
+            if n < 1:
+                out.append(f"{p}.sequence.max_tokens.{m}={n}: must be >= 1")
+        if len(set(self.sequence.fixed_order)) != len(self.sequence.fixed_order):
+            out.append(f"{p}.sequence.fixed_order={self.sequence.fixed_order}: has duplicates")
+        return out
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    warmup_steps: int = 10
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    weight_decay: float = 0.1  # not applied to norms and embeddings
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 = off
+    grad_accum_steps: int = 1
+
+    def problems(self, p: str = "optim") -> list[str]:
+        out = []
+        if not self.lr > 0:
+            out.append(f"{p}.lr={self.lr}: must be > 0, e.g. 3e-4")
+        if not 0 <= self.min_lr_ratio <= 1:
+            out.append(f"{p}.min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
+        if self.warmup_steps < 0:
+            out.append(f"{p}.warmup_steps={self.warmup_steps}: must be >= 0")
+        if self.weight_decay < 0:
+            out.append(f"{p}.weight_decay={self.weight_decay}: must be >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            out.append(f"{p}.betas={self.betas}: need two values in [0, 1), e.g. [0.9, 0.95]")
+        if not self.eps > 0:
+            out.append(f"{p}.eps={self.eps}: must be > 0")
+        if self.grad_clip < 0:
+            out.append(f"{p}.grad_clip={self.grad_clip}: must be >= 0 (0 disables clipping)")
+        if self.grad_accum_steps < 1:
+            out.append(f"{p}.grad_accum_steps={self.grad_accum_steps}: must be >= 1")
+        return out
+
+
+@dataclass
+class EngineConfig:
+    deepspeed_config: str = "zero3"  # a name in deepspeed_configs/ or a JSON path
+    zero_init: bool = False  # build parameters already partitioned (deepspeed.zero.Init)
+    activation_checkpointing: bool = False  # recompute each layer in backward
+    dist_backend: Literal["auto", "gloo", "nccl"] = "auto"
+    timeout_s: float = 600.0  # collective timeout: a dead rank ends the job after this
+
+    def problems(self, p: str = "engine") -> list[str]:
+        out = []
+        if not self.deepspeed_config:
+            out.append(f"{p}.deepspeed_config: empty; use 'zero3' or a path to a JSON file")
+        if not self.timeout_s > 0:
+            out.append(f"{p}.timeout_s={self.timeout_s}: must be > 0 seconds")
+        return out
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 0  # save every N steps (0 = only at the end)
+    keep_last: int = 3
+    resume: str = "none"  # none | auto (latest complete in the run dir) | a checkpoint path
+    save_final: bool = True
+
+    def problems(self, p: str = "checkpoint") -> list[str]:
+        out = []
+        if self.interval < 0:
+            out.append(f"{p}.interval={self.interval}: must be >= 0 (0 = only at the end)")
+        if self.keep_last < 1:
+            out.append(f"{p}.keep_last={self.keep_last}: must be >= 1")
+        if not self.resume:
+            out.append(f"{p}.resume: empty; use none, auto or a checkpoint folder")
+        return out
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10
+    wandb: Literal["auto", "offline", "online", "disabled"] = "auto"  # auto: online with a key
+    project: str = "loretta"
+    entity: str = ""
+    progress: Literal["auto", "on", "off"] = "auto"  # progress bar (auto: when a terminal)
+    peak_flops: float = 0.0  # per device, for MFU; 0 = detect (H100/H200/A100 bf16)
+
+    def problems(self, p: str = "logging") -> list[str]:
+        out = []
+        if self.interval < 1:
+            out.append(f"{p}.interval={self.interval}: must be >= 1")
+        if self.peak_flops < 0:
+            out.append(f"{p}.peak_flops={self.peak_flops}: must be >= 0 (0 = detect)")
+        return out
+
+
+@dataclass
+class FaultConfig:
+    nan_policy: Literal["skip", "stop"] = "skip"  # on a non-finite loss or grad norm
+    max_nan_skips: int = 10  # skip policy: stop after this many skipped steps
+    inject_nan_at: list[int] = field(default_factory=list)  # testing: poison these steps' loss
+    crash_in_save_at: list[int] = field(default_factory=list)  # testing: die mid-save at these
+
+    def problems(self, p: str = "faults") -> list[str]:
+        if self.max_nan_skips < 0:
+            return [f"{p}.max_nan_skips={self.max_nan_skips}: must be >= 0"]
+        return []
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: DecoderConfig = field(default_factory=DecoderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
+
+    def problems(self) -> list[str]:
+        out = self.run.problems() + self.model.problems() + self.data.problems()
+        out += self.optim.problems() + self.engine.problems() + self.checkpoint.problems()
+        out += self.logging.problems() + self.faults.problems()
+        if self.optim.warmup_steps > self.run.steps:
+            out.append(
+                f"optim.warmup_steps={self.optim.warmup_steps} exceeds run.steps={self.run.steps}"
+            )
+        if self.model.sliding_window is not None and self.model.sliding_window > self.data.seq_len:
+            out.append(
+                f"model.sliding_window={self.model.sliding_window} exceeds data.seq_len="
+                f"{self.data.seq_len}; use null for full attention"
+            )
+        if self.run.precision == "fp16" and self.run.device == "cpu":
+            out.append("run.precision='fp16' is not supported on the CPU; use 'bf16' or 'fp32'")
+        return out
+
+    def to_yaml(self) -> str:
+        return dump_yaml(self)
+
+
+def load_config(source: str, overrides: list[str] | None = None) -> TrainConfig:
+    """Recipe name or YAML path + dotted overrides -> validated TrainConfig (or ConfigError)."""
+    data, where = read_source(source)
+    problems = apply_overrides(data, list(overrides or []))
+    cfg = from_dict(TrainConfig, data, "config", problems)
+    if not problems:
+        problems += cfg.problems()
+    # field paths read 'model.dim', not 'config.model.dim'
+    problems = [p[len("config.") :] if p.startswith("config.") else p for p in problems]
+    if problems:
+        raise ConfigError(problems, where)
+    return cfg
+
+
+def config_from_dict(data: dict[str, Any], where: str = "config") -> TrainConfig:
+    problems: list[str] = []
+    cfg = from_dict(TrainConfig, data, "config", problems)
+    if not problems:
+        problems += cfg.problems()
+    if problems:
+        raise ConfigError([p.removeprefix("config.") for p in problems], where)
+    return cfg

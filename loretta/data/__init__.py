@@ -1,0 +1,1 @@
+"""The data path: shards, sequences, mixing, packing, loader."""

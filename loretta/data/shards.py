@@ -1,0 +1,538 @@
+"""Writing and reading datasets of webdataset tar shards (see loretta/data/format.py).
+
+Writing: `DatasetWriter` (or `write_dataset` for parallel writing) builds every shard, the index
+and the manifest inside a temporary folder and renames it into place when complete, so a crash
+never leaves a half-written dataset.
+
+Reading: `ShardDataset` opens a dataset from a local folder or any URL webdataset's `gopen` can
+open (http(s)://, gs://, pipe:...). Remote shards are copied into a local cache (atomically) on
+first use. Samples are read by global index through memory-mapped shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import mmap
+import multiprocessing as mp
+import os
+import shutil
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loretta.data.format import (
+    Manifest,
+    ShardInfo,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_ids,
+    index_dtype,
+    npy_bytes,
+    parse_npy,
+    scan_shard,
+    sha256_file,
+    token_dtype,
+)
+from loretta.errors import DataError
+from loretta.vocab import VocabLayout
+
+Sample = dict[str, Any]  # {"key": str, <modality>: 1-D local ids, "meta": dict (optional)}
+
+
+# ==== writing ==================================================================================
+def _encode_sample(sample: Sample, layout: VocabLayout, where: str) -> dict[str, Any]:
+    key = sample.get("key")
+    if not isinstance(key, str) or not key or "." in key:
+        raise DataError(f"{where}: sample key {key!r} must be a non-empty string without '.'")
+    out: dict[str, Any] = {"__key__": key}
+    n_mod = 0
+    for name, value in sample.items():
+        if name in ("key", "meta"):
+            continue
+        if name not in layout:
+            raise DataError(
+                f"{where}: sample {key!r} has field {name!r}, which is not a modality of the "
+                f"layout {layout.names}; add it to the layout or drop the field"
+            )
+        arr = np.asarray(value)
+        check_ids(arr, layout[name].size, f"{where}: sample {key!r} {name}")
+        out[f"{name}.npy"] = npy_bytes(arr.astype(token_dtype(layout[name].size), copy=False))
+        n_mod += 1
+    if n_mod == 0:
+        raise DataError(f"{where}: sample {key!r} has no modality arrays")
+    out["json"] = json.dumps(sample.get("meta") or {}).encode()
+    return out
+
+
+def _write_shard(path: Path, encoded: list[dict[str, Any]]) -> None:
+    import webdataset as wds
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        with wds.TarWriter(f, encoder=False, mtime=0) as tw:
+            for rec in encoded:
+                tw.write(rec)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_shard_task(args: tuple[str, int, list[Sample], dict[str, Any]]) -> tuple[Any, ...]:
+    folder, shard_id, samples, layout_d = args
+    layout = VocabLayout.from_dict(layout_d)
+    path = Path(folder) / f"shard-{shard_id:06d}.tar"
+    _write_shard(path, [_encode_sample(s, layout, str(path)) for s in samples])
+    return _finish_shard(path, shard_id, layout)
+
+
+def _finish_shard(path: Path, shard_id: int, layout: VocabLayout) -> tuple[Any, ...]:
+    idx, tokens = scan_shard(path, shard_id, layout, validate=False)
+    info = ShardInfo(path.name, len(idx), path.stat().st_size, sha256_file(path), tokens)
+    return info, idx
+
+
+class DatasetWriter:
+    """Sequential writer with a target shard size.
+
+        with DatasetWriter("data/pairs", layout) as w:
+            for s in samples:
+                w.write(s)          # {"key": "000001", "image": ids, "text": ids, "meta": {...}}
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        layout: VocabLayout,
+        shard_bytes: int = 64 << 20,
+        samples_per_shard: int | None = None,
+        overwrite: bool = False,
+        meta: dict[str, Any] | None = None,
+        progress: bool = False,
+    ) -> None:
+        self.out = Path(out_dir)
+        if self.out.exists() and not overwrite:
+            raise DataError(
+                f"{self.out} already exists; choose another folder or pass overwrite=True "
+                "(--overwrite) to replace it"
+            )
+        self.layout, self.meta = layout, dict(meta or {})
+        self.shard_bytes, self.samples_per_shard = shard_bytes, samples_per_shard
+        self.overwrite = overwrite
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.out.with_name(f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}")
+        self.tmp.mkdir()
+        self._pending: list[dict[str, Any]] = []
+        self._pending_bytes = 0
+        self._keys: set[str] = set()
+        self._infos: list[ShardInfo] = []
+        self._indices: list[np.ndarray] = []
+        self._bar = _progress_bar(progress, "samples")
+
+    def write(self, sample: Sample) -> None:
+        rec = _encode_sample(sample, self.layout, str(self.out))
+        if rec["__key__"] in self._keys:
+            raise DataError(f"{self.out}: duplicate sample key {rec['__key__']!r}; keys must be unique")
+        self._keys.add(rec["__key__"])
+        self._pending.append(rec)
+        self._pending_bytes += sum(len(v) + 512 for k, v in rec.items() if k != "__key__")
+        if self._bar is not None:
+            self._bar.update(1)
+        full = self.samples_per_shard is not None and len(self._pending) >= self.samples_per_shard
+        if full or (self.samples_per_shard is None and self._pending_bytes >= self.shard_bytes):
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        sid = len(self._infos)
+        path = self.tmp / f"shard-{sid:06d}.tar"
+        _write_shard(path, self._pending)
+        info, idx = _finish_shard(path, sid, self.layout)
+        self._infos.append(info)
+        self._indices.append(idx)
+        self._pending, self._pending_bytes = [], 0
+
+    def close(self) -> Manifest:
+        self._flush()
+        if self._bar is not None:
+            self._bar.close()
+        return _commit(self.tmp, self.out, self.layout, self._infos, self._indices, self.meta, self.overwrite)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, *_: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _commit(
+    tmp: Path,
+    out: Path,
+    layout: VocabLayout,
+    infos: list[ShardInfo],
+    indices: list[np.ndarray],
+    meta: dict[str, Any],
+    overwrite: bool,
+) -> Manifest:
+    """Write index + manifest into `tmp`, then move `tmp` to `out` in one rename."""
+    if not infos:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"{out}: no samples were written; an empty dataset is not created")
+    index = np.concatenate(indices) if indices else np.zeros(0, index_dtype(len(layout.names)))
+    keys = index["key"]
+    if len(np.unique(keys)) != len(keys):
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"{out}: duplicate sample keys across shards; keys must be unique")
+    np.save(tmp / "index.npy", index)
+    manifest = Manifest(layout, infos, sha256_file(tmp / "index.npy"), meta=meta)
+    atomic_write_json(tmp / "manifest.json", manifest.to_dict())
+    if out.exists():
+        if not overwrite:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DataError(f"{out} appeared while writing; not replacing it")
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    return manifest
+
+
+def write_dataset(
+    samples: Iterable[Sample],
+    out_dir: str | Path,
+    layout: VocabLayout,
+    samples_per_shard: int = 1000,
+    workers: int = 1,
+    overwrite: bool = False,
+    meta: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> Manifest:
+    """Write `samples` into shards of `samples_per_shard`, encoding shards in `workers` processes."""
+    if workers <= 1:
+        with DatasetWriter(
+            out_dir, layout, samples_per_shard=samples_per_shard, overwrite=overwrite,
+            meta=meta, progress=progress,
+        ) as w:
+            for s in samples:
+                w.write(s)
+        return _read_manifest_file(Path(out_dir) / "manifest.json")
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise DataError(f"{out} already exists; choose another folder or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    bar = _progress_bar(progress, "shards")
+
+    def tasks() -> Iterator[tuple[str, int, list[Sample], dict[str, Any]]]:
+        chunk: list[Sample] = []
+        sid = 0
+        for s in samples:
+            chunk.append(s)
+            if len(chunk) == samples_per_shard:
+                yield str(tmp), sid, chunk, layout.to_dict()
+                chunk, sid = [], sid + 1
+        if chunk:
+            yield str(tmp), sid, chunk, layout.to_dict()
+
+    infos, indices = [], []
+    try:
+        with mp.get_context("spawn").Pool(workers) as pool:
+            for info, idx in pool.imap(_write_shard_task, tasks()):
+                infos.append(info)
+                indices.append(idx)
+                if bar is not None:
+                    bar.update(1)
+        return _commit(tmp, out, layout, infos, indices, dict(meta or {}), overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def index_dataset(folder: str | Path, layout: VocabLayout, meta: dict[str, Any] | None = None) -> Manifest:
+    """Build manifest + index for existing webdataset tars in `folder` (validating every array)."""
+    folder = Path(folder)
+    tars = sorted(folder.glob("*.tar"))
+    if not tars:
+        raise DataError(f"{folder}: no .tar shards found")
+    infos, indices = [], []
+    for sid, path in enumerate(tars):
+        idx, tokens = scan_shard(path, sid, layout, validate=True)
+        infos.append(ShardInfo(path.name, len(idx), path.stat().st_size, sha256_file(path), tokens))
+        indices.append(idx)
+    index = np.concatenate(indices)
+    atomic_write_bytes(folder / "index.npy", _npy_file_bytes(index))
+    manifest = Manifest(layout, infos, sha256_file(folder / "index.npy"), meta=dict(meta or {}))
+    atomic_write_json(folder / "manifest.json", manifest.to_dict())
+    return manifest
+
+
+def _npy_file_bytes(arr: np.ndarray) -> bytes:
+    import io
+
+    f = io.BytesIO()
+    np.save(f, arr)
+    return f.getvalue()
+
+
+def _progress_bar(on: bool, unit: str) -> Any:
+    if not on:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(unit=unit, dynamic_ncols=True)
+
+
+# ==== reading ==================================================================================
+def is_url(path: str) -> bool:
+    return "://" in path or path.startswith("pipe:")
+
+
+def _join(root: str, name: str) -> str:
+    if "{}" in root:
+        return root.replace("{}", name)
+    return root.rstrip("/") + "/" + name
+
+
+def _fetch(url: str, dest: Path) -> Path:
+    """Copy `url` to `dest` atomically (webdataset's gopen handles the scheme)."""
+    if dest.exists():
+        return dest
+    from webdataset.gopen import gopen
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp")
+    try:
+        with gopen(url, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        os.replace(tmp, dest)
+    except Exception as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"could not fetch {url}: {type(e).__name__}: {e}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def _read_manifest_file(path: Path) -> Manifest:
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(
+            f"{path} not found: the dataset has no manifest. Write it with the shard tools "
+            f"(`loretta-shards write`), or index existing tars with `loretta-shards index "
+            f"{path.parent} --layout layout.json`"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON ({e}); the manifest is corrupt") from e
+    return Manifest.from_dict(d, str(path))
+
+
+def resolve_local(path: str, cache_dir: str | Path) -> Path:
+    """Local folder of a dataset: the path itself, or a cache folder for a URL."""
+    if not is_url(path):
+        return Path(path)
+    digest = hashlib.sha256(path.encode()).hexdigest()[:16]
+    return Path(cache_dir) / digest
+
+
+class ShardDataset:
+    """Random access to the samples of one dataset by global index (0..n-1)."""
+
+    def __init__(
+        self,
+        path: str,
+        cache_dir: str | Path = "",
+        verify_checksums: bool = False,
+        max_open: int = 64,
+    ) -> None:
+        self.path = path
+        self.remote = is_url(path)
+        self.local = resolve_local(path, cache_dir or Path.home() / ".cache/loretta/shards")
+        if self.remote:
+            _fetch(_join(path, "manifest.json"), self.local / "manifest.json")
+            _fetch(_join(path, "index.npy"), self.local / "index.npy")
+        elif not self.local.is_dir():
+            raise DataError(f"dataset folder {path!r} does not exist")
+        self.manifest = _read_manifest_file(self.local / "manifest.json")
+        self.layout = self.manifest.layout
+        self.verify_checksums = verify_checksums
+        self._check_index()
+        self.lengths = np.ascontiguousarray(self.index["length"])  # (n, M) tokens per modality
+        self.shard_counts = [s.samples for s in self.manifest.shards]
+        self._open: OrderedDict[int, tuple[Any, mmap.mmap]] = OrderedDict()
+        self._verified: set[int] = set()
+        self._pid = os.getpid()
+        self._max_open = max_open
+        if not self.remote:
+            self._check_shard_files()
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def modality_names(self) -> list[str]:
+        return self.layout.names
+
+    def _check_index(self) -> None:
+        p = self.local / "index.npy"
+        if not p.exists():
+            raise DataError(f"{p} not found; rebuild it with `loretta-shards index {self.path}`")
+        try:
+            self.index = np.load(p, mmap_mode="r")
+        except (ValueError, OSError) as e:
+            raise DataError(f"{p}: unreadable index ({e}); rebuild it with `loretta-shards index`") from e
+        n = self.manifest.samples
+        if self.index.dtype != index_dtype(len(self.layout.names)) or len(self.index) != n:
+            raise DataError(
+                f"{p}: index has {len(self.index)} records of {self.index.dtype.names} but the "
+                f"manifest lists {n} samples over modalities {self.layout.names}; the manifest "
+                "disagrees with its index: rebuild with `loretta-shards index`"
+            )
+        if n == 0:
+            raise DataError(f"dataset {self.path!r} is empty (0 samples); it cannot be sampled")
+
+    def _check_shard_files(self) -> None:
+        for s in self.manifest.shards:
+            f = self.local / s.name
+            if not f.exists():
+                raise DataError(
+                    f"{f}: shard listed in the manifest is missing; restore it or rebuild the "
+                    "manifest with `loretta-shards index`"
+                )
+            size = f.stat().st_size
+            if size != s.bytes:
+                raise DataError(
+                    f"{f}: {size} bytes but the manifest says {s.bytes}; the shard is truncated "
+                    "or was rewritten: restore it or rebuild with `loretta-shards index`"
+                )
+
+    def _shard_map(self, sid: int) -> mmap.mmap:
+        if os.getpid() != self._pid:  # forked into a DataLoader worker: reopen our own maps
+            self._open.clear()
+            self._pid = os.getpid()
+        hit = self._open.get(sid)
+        if hit is not None:
+            self._open.move_to_end(sid)
+            return hit[1]
+        info = self.manifest.shards[sid]
+        f_path = self.local / info.name
+        if self.remote:
+            _fetch(_join(self.path, info.name), f_path)
+        if self.verify_checksums and sid not in self._verified:
+            digest = sha256_file(f_path)
+            if digest != info.sha256:
+                raise DataError(
+                    f"{f_path}: sha256 {digest[:12]}... differs from the manifest's "
+                    f"{info.sha256[:12]}...; the shard is corrupt or was replaced"
+                )
+            self._verified.add(sid)
+        fh = open(f_path, "rb")
+        mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        self._open[sid] = (fh, mm)
+        while len(self._open) > self._max_open:
+            _, (old_fh, old_mm) = self._open.popitem(last=False)
+            with contextlib.suppress(BufferError):
+                old_mm.close()
+            old_fh.close()
+        return mm
+
+    def key(self, i: int) -> str:
+        return bytes(self.index[i]["key"]).decode()
+
+    def where(self, i: int) -> str:
+        sid = int(self.index[i]["shard"])
+        return f"{self.path}/{self.manifest.shards[sid].name} sample {self.key(i)!r}"
+
+    def read(self, i: int, modalities: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Local-id arrays of sample `i` (views into the mapped shard: copy before keeping)."""
+        rec = self.index[i]
+        mm = self._shard_map(int(rec["shard"]))
+        view = memoryview(mm)
+        out = {}
+        names = self.layout.names
+        wanted = names if modalities is None else modalities
+        for name in wanted:
+            j = names.index(name)
+            n = int(rec["length"][j])
+            if n == 0:
+                continue
+            off, nb = int(rec["offset"][j]), int(rec["nbytes"][j])
+            if off + nb > len(mm):
+                raise DataError(
+                    f"{self.where(i)}: member {name}.npy needs bytes up to {off + nb} but the "
+                    f"shard has {len(mm)}; the shard is truncated"
+                )
+            arr = parse_npy(view[off : off + nb], f"{self.where(i)} {name}.npy")
+            if arr.size != n:
+                raise DataError(
+                    f"{self.where(i)} {name}.npy: {arr.size} tokens but the index says {n}; "
+                    "the manifest/index disagree with the shard: rebuild with `loretta-shards index`"
+                )
+            check_ids(arr, self.layout[name].size, f"{self.where(i)} {name}")
+            out[name] = arr
+        return out
+
+    def meta(self, i: int) -> dict[str, Any]:
+        """The sample's {key}.json metadata ({} when it has none)."""
+        rec = self.index[i]
+        off, nb = int(rec["meta_offset"]), int(rec["meta_nbytes"])
+        if off < 0 or nb == 0:
+            return {}
+        mm = self._shard_map(int(rec["shard"]))
+        try:
+            return dict(json.loads(mm[off : off + nb]))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DataError(f"{self.where(i)}: corrupt {self.key(i)}.json ({e})") from e
+
+    def iter_samples(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        for i in range(len(self)):
+            yield i, self.read(i)
+
+    def close(self) -> None:
+        for fh, mm in self._open.values():
+            with contextlib.suppress(BufferError):
+                mm.close()
+            fh.close()
+        self._open.clear()
+
+
+def open_dataset(path: str, cache_dir: str | Path = "", verify_checksums: bool = False) -> Any:
+    """A ShardDataset, or an MdsDataset when the folder holds mosaicml-streaming shards."""
+    if not is_url(path) and (Path(path) / "index.json").exists() and not (Path(path) / "index.npy").exists():
+        from loretta.data.mds import MdsDataset
+
+        return MdsDataset(path, cache_dir=cache_dir)
+    if is_url(path):
+        local = resolve_local(path, cache_dir or Path.home() / ".cache/loretta/shards")
+        with contextlib.suppress(DataError):
+            _fetch(_join(path, "manifest.json"), local / "manifest.json")
+        if (local / "manifest.json").exists():
+            fmt = json.loads((local / "manifest.json").read_text()).get("format", "")
+            if fmt.endswith("mds"):
+                from loretta.data.mds import MdsDataset
+
+                return MdsDataset(path, cache_dir=cache_dir)
+    return ShardDataset(path, cache_dir=cache_dir, verify_checksums=verify_checksums)
+
+
+ReadFn = Callable[[int], dict[str, np.ndarray]]

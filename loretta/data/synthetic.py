@@ -1,0 +1,77 @@
+"""Synthetic class-conditioned multimodal samples, written as real shards.
+
+Each sample has a class c. A modality's tokens follow a class-specific pattern (an arithmetic
+progression starting at a class-dependent id) with 10% of the tokens replaced by noise, so
+a model can learn each modality and the links between modalities of the same sample.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from loretta.config import SyntheticConfig
+from loretta.data.format import Manifest
+from loretta.data.shards import Sample, _read_manifest_file, write_dataset
+from loretta.errors import DataError
+from loretta.vocab import VocabLayout
+
+
+def synthetic_layout(cfg: SyntheticConfig) -> VocabLayout:
+    return VocabLayout.build({m: sm.size for m, sm in cfg.modalities.items()})
+
+
+def class_pattern(c: int, modality_index: int, size: int, length: int, classes: int) -> np.ndarray:
+    start = (c * size) // classes
+    step = 1 + (c + modality_index) % 3
+    return (start + step * np.arange(length)) % size
+
+
+def synthetic_samples(cfg: SyntheticConfig, key_prefix: str = "") -> Iterator[Sample]:
+    rng = np.random.default_rng(cfg.seed)
+    names = list(cfg.modalities)
+    for i in range(cfg.samples):
+        c = int(rng.integers(cfg.classes))
+        sample: Sample = {"key": f"{key_prefix}{i:08d}", "meta": {"label": c}}
+        for j, name in enumerate(names):
+            sm = cfg.modalities[name]
+            n = int(rng.integers(sm.min_len, sm.max_len + 1))
+            ids = class_pattern(c, j, sm.size, n, cfg.classes)
+            noise = rng.random(n) < 0.1
+            ids[noise] = rng.integers(0, sm.size, int(noise.sum()))
+            sample[name] = ids.astype(np.int64)
+        yield sample
+
+
+def ensure_synthetic(path: str | Path, cfg: SyntheticConfig) -> Manifest:
+    """Write the synthetic dataset at `path` unless one built from the same config is there.
+
+    Several processes may call this at once: each writes its own temporary folder and the
+    rename makes one of them win; the others find the finished dataset.
+    """
+    path = Path(path)
+    spec = {"synthetic": _spec(cfg)}
+    if (path / "manifest.json").exists():
+        manifest = _read_manifest_file(path / "manifest.json")
+        if manifest.meta.get("synthetic") != spec["synthetic"]:
+            raise DataError(
+                f"{path} holds a dataset built from a different synthetic config "
+                f"({manifest.meta.get('synthetic')}); delete it or point the source elsewhere"
+            )
+        return manifest
+    try:
+        return write_dataset(
+            synthetic_samples(cfg), path, synthetic_layout(cfg), cfg.samples_per_shard, meta=spec
+        )
+    except (DataError, OSError):
+        if (path / "manifest.json").exists():  # another process finished first
+            return _read_manifest_file(path / "manifest.json")
+        raise
+
+
+def _spec(cfg: SyntheticConfig) -> dict[str, object]:
+    from loretta.configlib import to_dict
+
+    return dict(to_dict(cfg))

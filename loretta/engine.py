@@ -1,0 +1,253 @@
+"""The one module that imports deepspeed: process group, ZeRO engine, checkpoint files, and the
+gather-once context used by generation inside training.
+
+Set DS_ACCELERATOR before importing this module (loretta.runtime.select_device does it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+from loretta.config import TrainConfig
+from loretta.dist import DistInfo
+from loretta.dsconfig import offloads_optimizer
+from loretta.model import Decoder, DecoderConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def init_distributed(info: DistInfo, backend: str, timeout_s: float) -> None:
+    for k, v in info.env().items():
+        os.environ.setdefault(k, v)
+    if torch.distributed.is_initialized():
+        return
+    deepspeed.init_distributed(
+        dist_backend=backend,
+        auto_mpi_discovery=False,
+        timeout=timedelta(seconds=timeout_s),
+        rank=info.rank,
+        world_size=info.world_size,
+    )
+
+
+def barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}
+        torch.distributed.all_reduce(t, op=ops[op])
+    return t
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices only: none on norms, biases and embeddings."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        dim = p.ds_shape if hasattr(p, "ds_shape") else p.shape
+        if len(dim) < 2 or "tok_embeddings" in name:
+            no_decay.append(p)
+        else:
+            decay.append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_model(
+    mcfg: DecoderConfig, ds_config: dict[str, Any], seed: int, zero_init: bool
+) -> Decoder:
+    """Construct the decoder; with zero_init its parameters are born partitioned, and each is
+    initialised inside a gather (init code in __init__ cannot reach partitioned tensors)."""
+    if not zero_init:
+        model = Decoder(mcfg)
+        model.init_weights(seed)
+        return model
+    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=torch.float32):
+        model = Decoder(mcfg)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    for name, p in model.named_parameters():
+        with GatheredParameters([p], modifier_rank=0):
+            if rank == 0:
+                model.init_param(name, p.data, seed)
+    return model
+
+
+class Engine:
+    """A thin wrapper so that the training loop never touches DeepSpeed's API directly."""
+
+    def __init__(self, ds_engine: Any, ds_config: dict[str, Any]) -> None:
+        self.ds = ds_engine
+        self.ds_config = ds_config
+
+    @property
+    def module(self) -> Decoder:
+        return self.ds.module  # type: ignore[no-any-return]
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device(self.ds.device)
+
+    def train(self, mode: bool = True) -> None:
+        self.ds.train(mode)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.ds(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.ds.backward(loss)
+
+    def set_lr(self, lr: float) -> None:
+        for g in self.ds.optimizer.param_groups:
+            g["lr"] = lr
+
+    def step(self) -> tuple[bool, float]:
+        """Optimizer step at the accumulation boundary -> (applied, global grad norm).
+        DeepSpeed discards a step whose gradients are not finite (norm reported as inf)."""
+        self.ds.step()
+        norm = self.ds.get_global_grad_norm()
+        norm = float("nan") if norm is None else float(norm)
+        applied = (
+            not bool(getattr(self.ds.optimizer, "overflow", False))
+            and norm == norm
+            and norm != float("inf")
+        )
+        return applied, norm
+
+    def is_accumulation_boundary(self) -> bool:
+        return bool(self.ds.is_gradient_accumulation_boundary())
+
+    def save(self, folder: Path, client_state: dict[str, Any] | None = None) -> None:
+        self.ds.save_checkpoint(
+            str(folder), tag="ds", client_state=client_state or {}, save_latest=False
+        )
+
+    def load(self, folder: Path, universal: bool = False) -> dict[str, Any]:
+        tag = "universal" if universal else "ds"
+        path, client = self.ds.load_checkpoint(
+            str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
+        if path is None:
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint in {folder}/{tag}")
+        return client or {}
+
+    @contextlib.contextmanager
+    def gathered(self, enabled: bool = True) -> Iterator[None]:
+        """Hold every parameter gathered (and ZeRO-3's per-module hooks off) for the block.
+
+        Generation runs many small forwards; with hooks on, each one all-gathers every layer
+        again (DeepSpeed #4354). Gathering once is what makes in-loop generation fast."""
+        if not enabled or self.zero_stage() != 3:
+            yield
+            return
+        params = list(self.module.parameters())
+        offload = self.ds.optimizer.parameter_offload
+        with GatheredParameters(params, modifier_rank=None):
+            for p in params:
+                p.ds_active_sub_modules.clear()  # type: ignore[attr-defined]
+            hooks = list(offload.forward_hooks) + list(offload.backward_hooks)
+            for h in hooks:
+                h.remove()
+            offload.forward_hooks.clear()
+            offload.backward_hooks.clear()
+            try:
+                yield
+            finally:
+                offload._register_deepspeed_module(offload.module)
+
+    @contextlib.contextmanager
+    def gathered_group(self, modules: list[torch.nn.Module]) -> Iterator[None]:
+        """Gather only the parameters of `modules` (fallback when the model does not fit)."""
+        params = [p for m in modules for p in m.parameters()]
+        with GatheredParameters(params, modifier_rank=None):
+            yield
+
+    def zero_stage(self) -> int:
+        return int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+
+    def partition_bytes(self) -> dict[str, int]:
+        """Bytes this rank holds of partitioned parameters and of optimizer state."""
+        params = 0
+        for p in self.module.parameters():
+            t = getattr(p, "ds_tensor", None)
+            params += (
+                (t.numel() * t.element_size()) if t is not None else p.numel() * p.element_size()
+            )
+        opt = 0
+        inner = getattr(self.ds.optimizer, "optimizer", self.ds.optimizer)
+        for st in inner.state.values():
+            for v in st.values():
+                if torch.is_tensor(v) and v.dim() > 0:
+                    opt += v.numel() * v.element_size()
+        for g in getattr(self.ds.optimizer, "fp32_partitioned_groups_flat", []) or []:
+            opt += g.numel() * g.element_size()  # fp32 master weights
+        return {"params": params, "optimizer": opt}
+
+
+def build_engine(cfg: TrainConfig, ds_config: dict[str, Any], seed: int) -> Engine:
+    model = build_model(cfg.model, ds_config, seed, cfg.engine.zero_init)
+    model.activation_checkpointing = cfg.engine.activation_checkpointing
+    groups = param_groups(model, cfg.optim.weight_decay)
+    if offloads_optimizer(ds_config) or "optimizer" in ds_config:
+        optimizer = None  # DeepSpeed builds it from the JSON (CPU Adam for offload)
+        model_params: Any = groups
+    else:
+        optimizer = torch.optim.AdamW(
+            groups,
+            lr=cfg.optim.lr,
+            betas=(cfg.optim.betas[0], cfg.optim.betas[1]),
+            eps=cfg.optim.eps,
+        )
+        model_params = None
+    ds_engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=model_params, config=ds_config
+    )
+    return Engine(ds_engine, ds_config)
+
+
+def convert_to_universal(src: Path, dst: Path) -> None:
+    """DeepSpeed's universal-checkpoint conversion (for resuming at another world size)."""
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(src),
+        "--output_folder",
+        str(dst),
+        "--num_extract_workers",
+        "1",
+        "--num_merge_workers",
+        "1",
+        "--no_strict",
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(
+            f"ds_to_universal failed on {src}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+        )

@@ -1,0 +1,221 @@
+"""Attention backends behind one signature, with document (packed-row) masking.
+
+Every backend computes causal attention restricted to the query's own document and, when a
+sliding window W is set, to the last W keys (the query included). Shapes:
+    q: (B, Tq, H, hd)   k, v: (B, Tk, Hkv, hd)   ->   out: (B, Tq, H, hd)
+
+``eager`` is the reference math. ``sdpa`` calls torch's scaled_dot_product_attention (which picks
+FlashAttention/memory-efficient kernels on CUDA). ``varlen`` (torch.nn.attention.varlen) and
+``flash_attn`` (the flash-attn package) run on flattened documents given by cu_seqlens, so no
+(T, T) mask is ever built; both are CUDA-only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+BACKENDS = ("eager", "sdpa", "varlen", "flash_attn")
+
+
+class AttentionBackendError(RuntimeError):
+    pass
+
+
+def _varlen_fn() -> Any:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def backend_available(name: str, device: torch.device) -> tuple[bool, str]:
+    """(available, reason if not) for backend `name` on `device`."""
+    if name in ("eager", "sdpa"):
+        return True, ""
+    if device.type != "cuda":
+        return False, f"'{name}' runs on CUDA only (device is {device.type})"
+    if name == "varlen":
+        if _varlen_fn() is None:
+            return False, f"torch {torch.__version__} has no torch.nn.attention.varlen"
+        return True, ""
+    if name == "flash_attn":
+        if importlib.util.find_spec("flash_attn") is None:
+            return False, "the flash-attn package is not installed (pip install 'loretta[gpu]')"
+        return True, ""
+    return False, f"unknown backend {name!r}; choose one of {('auto', *BACKENDS)}"
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """'auto' -> the fastest available backend; an unavailable explicit choice is an error."""
+    if name == "auto":
+        for cand in ("flash_attn", "varlen", "sdpa"):
+            if backend_available(cand, device)[0]:
+                return cand
+        return "sdpa"
+    ok, why = backend_available(name, device)
+    if not ok:
+        raise AttentionBackendError(
+            f"model.attn_backend={name!r} is not available: {why}. "
+            "Use 'auto' to pick the fastest available, or 'sdpa'."
+        )
+    return name
+
+
+@dataclass
+class AttnMeta:
+    """Per-forward masking information, computed once and shared by all layers.
+
+    doc_ids: (B, T) document id per token or None (one document per row, plain causal).
+    q_slots/k_slots: absolute cache slots of queries and keys (KV-cache decoding).
+    k_doc_ids: (B, Tk) document ids of the keys when they differ from the queries' (cache).
+    """
+
+    doc_ids: torch.Tensor | None = None
+    k_doc_ids: torch.Tensor | None = None
+    q_offset: int = 0  # slot of the first query (tokens already in the KV cache)
+    window: int | None = None
+    cu_seqlens: torch.Tensor | None = None  # (N+1,) int32, for varlen kernels
+    max_seqlen: int = 0
+    _mask: torch.Tensor | None = None
+
+    def dense_mask(self, tq: int, tk: int, device: torch.device) -> torch.Tensor | None:
+        """(B or 1, 1, Tq, Tk) boolean mask, True = may attend; None = plain causal from slot 0."""
+        if self._mask is not None:
+            return self._mask
+        if self.doc_ids is None and self.q_offset == 0 and self.window is None and tq == tk:
+            return None
+        q_slot = torch.arange(self.q_offset, self.q_offset + tq, device=device)
+        k_slot = torch.arange(tk, device=device)
+        rel = q_slot[:, None] - k_slot[None, :]  # (Tq, Tk) distance back in slots
+        mask = rel >= 0
+        if self.window is not None:
+            mask = mask & (rel < self.window)
+        mask = mask[None, None]
+        if self.doc_ids is not None:
+            kd = self.k_doc_ids if self.k_doc_ids is not None else self.doc_ids
+            mask = mask & (self.doc_ids[:, None, :, None] == kd[:, None, None, :])
+        self._mask = mask
+        return mask
+
+
+def build_meta(
+    doc_ids: torch.Tensor | None,
+    shape: tuple[int, int],
+    device: torch.device,
+    window: int | None,
+    backend: str,
+    q_offset: int = 0,
+) -> AttnMeta:
+    """Masking info for a (B, T) batch; cu_seqlens for varlen kernels (training forward only)."""
+    meta = AttnMeta(doc_ids=doc_ids, window=window, q_offset=q_offset)
+    if backend in ("varlen", "flash_attn") and q_offset == 0:
+        B, T = shape
+        if doc_ids is None:  # one document per row
+            cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device)
+            meta.cu_seqlens, meta.max_seqlen = cu, T
+            return meta
+        flat = doc_ids.reshape(-1)
+        starts = torch.ones_like(flat, dtype=torch.bool)
+        starts[1:] = flat[1:] != flat[:-1]
+        starts[::T] = True  # every row starts a document
+        idx = starts.nonzero().flatten().to(torch.int32)
+        end = torch.tensor([B * T], dtype=torch.int32, device=device)
+        meta.cu_seqlens = torch.cat([idx, end])
+        meta.max_seqlen = int((meta.cu_seqlens[1:] - meta.cu_seqlens[:-1]).max().item())
+    return meta
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta, backend: str
+) -> torch.Tensor:
+    if backend == "eager":
+        return _eager(q, k, v, meta)
+    if backend == "sdpa":
+        return _sdpa(q, k, v, meta)
+    if backend == "varlen":
+        return _varlen(q, k, v, meta)
+    if backend == "flash_attn":
+        return _flash(q, k, v, meta)
+    raise AttentionBackendError(f"unknown attention backend {backend!r}")
+
+
+def _repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    # (B, Hkv, T, hd) -> (B, Hkv * n_rep, T, hd)
+    return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
+
+
+def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+    _B, Tq, H, hd = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, h, T, hd)
+    kh, vh = _repeat_kv(kh, H // Hkv), _repeat_kv(vh, H // Hkv)
+    scores = (qh @ kh.transpose(-2, -1)).float() / math.sqrt(hd)  # (B, H, Tq, Tk)
+    mask = meta.dense_mask(Tq, Tk, q.device)
+    if mask is None:
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril()
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    return (probs @ vh).transpose(1, 2)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+    Tq, H, Tk, Hkv = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
+    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    mask = meta.dense_mask(Tq, Tk, q.device)
+    if mask is None:
+        # plain causal rows: the kernels' built-in causal path (no mask tensor)
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=H != Hkv)
+    else:
+        kh, vh = _repeat_kv(kh, H // Hkv), _repeat_kv(vh, H // Hkv)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask)
+    return out.transpose(1, 2)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[2], x.shape[3])  # (B*T, h, hd)
+
+
+def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+    if meta.cu_seqlens is None or meta.q_offset:
+        return _sdpa(q, k, v, meta)  # KV-cache decode steps take the masked path
+    fn = _varlen_fn()
+    left = -1 if meta.window is None else meta.window - 1
+    out = fn(
+        _flat(q),
+        _flat(k),
+        _flat(v),
+        meta.cu_seqlens,
+        meta.cu_seqlens,
+        meta.max_seqlen,
+        meta.max_seqlen,
+        window_size=(left, 0),
+        enable_gqa=q.shape[2] != k.shape[2],
+    )
+    return out.reshape(q.shape)
+
+
+def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+    if meta.cu_seqlens is None or meta.q_offset:
+        return _sdpa(q, k, v, meta)
+    from flash_attn import flash_attn_varlen_func  # optional GPU extra, imported lazily
+
+    left = -1 if meta.window is None else meta.window - 1
+    out = flash_attn_varlen_func(
+        _flat(q),
+        _flat(k),
+        _flat(v),
+        meta.cu_seqlens,
+        meta.cu_seqlens,
+        meta.max_seqlen,
+        meta.max_seqlen,
+        causal=True,
+        window_size=(left, 0),
+    )
+    return out.reshape(q.shape)

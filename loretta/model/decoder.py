@@ -1,0 +1,245 @@
+"""A Llama/Mistral-style decoder: RMSNorm, rotary embeddings, SwiGLU, grouped-query attention,
+optional sliding window, packed rows (per-document positions, no cross-document attention) and
+a KV cache for incremental decoding. Pure torch: nothing here knows about ranks or DeepSpeed.
+
+Shapes: B batch, T tokens, d model width, H query heads, Hkv key/value heads, hd head dim.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from loretta.model.attention import AttnMeta, attention, build_meta, resolve_backend
+from loretta.model.config import DecoderConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # normalise in fp32 whatever the compute dtype (as Llama and HF do)
+        y = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
+        return self.weight * y
+
+
+def rope_cos_sin(
+    position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin of shape (B, T, 1, hd) for the given (B, T) positions (half-split layout)."""
+    inv_freq = 1.0 / (
+        theta
+        ** (
+            torch.arange(0, head_dim, 2, device=position_ids.device, dtype=torch.float32) / head_dim
+        )
+    )
+    freqs = position_ids.float()[..., None] * inv_freq  # (B, T, hd/2)
+    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]  # (B, T, 1, hd)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, T, h, hd); rotate the two halves of the head dim (HF's rotate_half convention)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys/values for incremental decoding.
+
+    k, v: (L, B, Tmax, Hkv, hd); doc_ids: (B, Tmax) document id of each cached slot.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    doc_ids: torch.Tensor
+    length: int = 0
+
+    @classmethod
+    def empty(
+        cls, cfg: DecoderConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ) -> KVCache:
+        shape = (cfg.n_layers, batch, max_len, cfg.kv_heads, cfg.head_dim)
+        return cls(
+            k=torch.zeros(shape, device=device, dtype=dtype),
+            v=torch.zeros(shape, device=device, dtype=dtype),
+            doc_ids=torch.zeros(batch, max_len, device=device, dtype=torch.long),
+        )
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv, self.hd = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        # q, k and v in one matmul: rows [q (H*hd) | k (Hkv*hd) | v (Hkv*hd)]
+        self.wqkv = nn.Linear(cfg.dim, (self.n_heads + 2 * self.n_kv) * self.hd, bias=False)
+        self.wo = nn.Linear(self.n_heads * self.hd, cfg.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttnMeta,
+        backend: str,
+        cache: KVCache | None,
+        layer: int,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        qkv = self.wqkv(x)
+        q, k, v = qkv.split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], -1)
+        q = apply_rope(q.view(B, T, self.n_heads, self.hd), cos, sin)  # (B, T, H, hd)
+        k = apply_rope(k.view(B, T, self.n_kv, self.hd), cos, sin)  # (B, T, Hkv, hd)
+        v = v.view(B, T, self.n_kv, self.hd)
+        if cache is not None:
+            s = cache.length
+            cache.k[layer, :, s : s + T] = k
+            cache.v[layer, :, s : s + T] = v
+            k, v = cache.k[layer, :, : s + T], cache.v[layer, :, : s + T]
+        out = attention(q, k, v, meta, backend)  # (B, T, H, hd)
+        return self.wo(out.reshape(B, T, self.n_heads * self.hd))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.hidden = cfg.hidden_dim
+        self.w13 = nn.Linear(cfg.dim, 2 * self.hidden, bias=False)  # [gate | up]
+        self.w2 = nn.Linear(self.hidden, cfg.dim, bias=False)  # down
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).split(self.hidden, dim=-1)
+        return self.w2(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttnMeta,
+        backend: str,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        h = x + self.dropout(
+            self.attention(self.attention_norm(x), cos, sin, meta, backend, cache, layer)
+        )
+        return h + self.dropout(self.feed_forward(self.ffn_norm(h)))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig) -> None:
+        super().__init__()
+        problems = cfg.problems()
+        if cfg.vocab_size < 1:
+            problems.append("model.vocab_size must be set (>= 1) before building the model")
+        if problems:
+            raise ValueError("invalid DecoderConfig: " + "; ".join(problems))
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.backend: str = "sdpa" if cfg.attn_backend == "auto" else cfg.attn_backend
+        self.activation_checkpointing = False
+        self.init_weights()
+
+    # ---- initialisation -----------------------------------------------------------------------
+    def init_std(self, name: str) -> float | None:
+        """Init std of parameter `name`; None for norm weights (ones). Residual outputs are
+        scaled by 1/sqrt(2 * n_layers) (GPT-2 / OLMo's scaled init)."""
+        if name.endswith("norm.weight"):
+            return None
+        if name.endswith(("attention.wo.weight", "feed_forward.w2.weight")):
+            return self.cfg.init_std / math.sqrt(2 * self.cfg.n_layers)
+        return self.cfg.init_std
+
+    @torch.no_grad()
+    def init_param(self, name: str, p: torch.Tensor, seed: int = 0) -> None:
+        """Initialise one parameter from a generator keyed by (seed, name): the result does not
+        depend on construction order, device count or sharding."""
+        std = self.init_std(name)
+        if std is None:
+            p.fill_(1.0)
+            return
+        g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+        p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * std)
+
+    def init_weights(self, seed: int = 0) -> None:
+        for name, p in self.named_parameters():
+            self.init_param(name, p, seed)
+
+    # ---- forward ------------------------------------------------------------------------------
+    def set_backend(self, name: str, device: torch.device) -> str:
+        self.backend = resolve_backend(name, device)
+        return self.backend
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        return_hidden: bool = False,
+    ) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V), or final hidden states (B, T, d).
+
+        Packed rows: `doc_ids` (B, T) marks documents (contiguous runs); tokens attend only within
+        their document, and `position_ids` should restart at 0 per document. With a `cache`,
+        queries sit after cache.length cached slots and `doc_ids` covers the new tokens only.
+        """
+        B, T = input_ids.shape
+        if position_ids is None:
+            start = cache.length if cache is not None else 0
+            position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)
+        h = self.tok_embeddings(input_ids)  # (B, T, d)
+        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
+        if cache is None:
+            meta = build_meta(doc_ids, (B, T), h.device, self.cfg.sliding_window, self.backend)
+        else:
+            s = cache.length
+            if doc_ids is None:
+                doc_ids = torch.zeros(B, T, dtype=torch.long, device=h.device)
+            cache.doc_ids[:, s : s + T] = doc_ids
+            meta = AttnMeta(
+                doc_ids=doc_ids,
+                k_doc_ids=cache.doc_ids[:, : s + T],
+                q_offset=s,
+                window=self.cfg.sliding_window,
+            )
+        for i, layer in enumerate(self.layers):
+            if self.activation_checkpointing and self.training and cache is None:
+                h = checkpoint(layer, h, cos, sin, meta, self.backend, use_reentrant=False)
+            else:
+                h = layer(h, cos, sin, meta, self.backend, cache, i)
+        if cache is not None:
+            cache.length += T
+        h = self.norm(h)
+        if return_hidden:
+            return h
+        return self.logits(h)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.output is None:
+            return F.linear(h, self.tok_embeddings.weight)
+        return self.output(h)

@@ -1,0 +1,168 @@
+"""Training metrics: per-direction/per-modality losses, throughput, MFU; JSON lines + wandb.
+
+MFU = tokens/s per device x FLOPs per token / peak FLOP/s per device, with
+FLOPs per token = 6N + 12*L*d*S (N without the input embedding; no causal discount; see
+DecoderConfig.flops_per_token). Peaks: H100/H200 989e12, A100 312e12 (bf16 dense); on a CPU
+the peak is measured once with an fp32 matrix multiply, and logging.peak_flops overrides all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
+
+
+def detect_peak_flops(device: torch.device, override: float = 0.0) -> tuple[float, str]:
+    if override > 0:
+        return override, "configured"
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in PEAKS.items():
+            if key in name:
+                return peak, f"{key} bf16 dense"
+        return 0.0, f"unknown GPU {name!r}: set logging.peak_flops"
+    return measure_cpu_flops(), "measured fp32 GEMM (this CPU)"
+
+
+def measure_cpu_flops(n: int = 512, reps: int = 8) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t)
+
+
+class LossStats:
+    """Sums of per-token losses by direction and by target modality between log steps."""
+
+    def __init__(self, directions: list[str], modalities: list[str], device: torch.device) -> None:
+        self.directions, self.modalities = directions, modalities
+        D, M = len(directions), len(modalities)
+        self.sums = torch.zeros(2 * (D + M) + 2, dtype=torch.float64, device=device)
+        self.D, self.M = D, M
+
+    def add(
+        self,
+        tok_loss: torch.Tensor,
+        valid: torch.Tensor,
+        direction: torch.Tensor,
+        modality: torch.Tensor,
+    ) -> None:
+        """tok_loss, valid, direction, modality: flat (N,) tensors for one micro-batch."""
+        tl = tok_loss.detach().double() * valid
+        D, M = self.D, self.M
+        d = direction.clamp(min=0)
+        dv = valid & (direction >= 0)
+        self.sums[:D].index_add_(0, d, tl * dv)
+        self.sums[D : 2 * D].index_add_(0, d, dv.double())
+        m = modality.clamp(min=0)
+        mv = valid & (modality >= 0)
+        self.sums[2 * D : 2 * D + M].index_add_(0, m, tl * mv)
+        self.sums[2 * D + M : 2 * D + 2 * M].index_add_(0, m, mv.double())
+        self.sums[-2] += tl.sum()
+        self.sums[-1] += valid.sum()
+
+    def reduce_and_reset(self, all_reduce: Any) -> dict[str, float]:
+        s = all_reduce(self.sums.clone()).cpu()
+        self.sums.zero_()
+        D, M = self.D, self.M
+        out = {"loss": float(s[-2] / s[-1]) if s[-1] > 0 else float("nan")}
+        for i, n in enumerate(self.directions):
+            if s[D + i] > 0:
+                out[f"loss/dir/{n}"] = float(s[i] / s[D + i])
+        for i, n in enumerate(self.modalities):
+            if s[2 * D + M + i] > 0:
+                out[f"loss/mod/{n}"] = float(s[2 * D + i] / s[2 * D + M + i])
+        return out
+
+
+class MetricsLogger:
+    """Rank 0 writes metrics.jsonl and to wandb; other ranks are silent."""
+
+    def __init__(
+        self,
+        run_dir: Path,
+        enabled: bool,
+        wandb_mode: str,
+        project: str,
+        entity: str,
+        run_name: str,
+        config: dict[str, Any],
+        wandb_id: str | None,
+        progress: str,
+        total_steps: int,
+        start_step: int,
+    ) -> None:
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.wandb: Any = None
+        self.wandb_id = wandb_id or uuid.uuid4().hex[:12]
+        self.bar: Any = None
+        if not enabled:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        mode = wandb_mode
+        if mode == "auto":
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        if mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(
+                project=project,
+                entity=entity or None,
+                name=run_name,
+                id=self.wandb_id,
+                resume="allow",
+                mode=mode,  # type: ignore[arg-type]
+                dir=str(run_dir),
+                config=config,
+            )
+        show = progress == "on" or (progress == "auto" and sys.stderr.isatty())
+        if show:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        rec = {"step": step, "time": time.time(), **metrics}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        msg = (
+            f"step {step} loss {metrics.get('loss', float('nan')):.4f} "
+            f"lr {metrics.get('lr', 0):.2e} tok/s {metrics.get('tokens_per_s', 0):,.0f} "
+            f"mfu {100 * metrics.get('mfu', 0):.2f}%"
+        )
+        if self.bar is not None:
+            self.bar.set_postfix_str(msg)
+        else:
+            print(msg, flush=True)
+
+    def advance(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def event(self, step: int, kind: str, **info: Any) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"step": step, "event": kind, **info}) + "\n")
+            print(f"[loretta] step {step}: {kind} {info}", flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
