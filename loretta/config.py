@@ -196,6 +196,7 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: str = "none"  # none | auto (latest complete in the run dir) | a checkpoint path
     save_final: bool = True
+    init_from: str = ""  # warm start: consolidated safetensors or Hugging Face folder (see convert)
 
     def problems(self, p: str = "checkpoint") -> list[str]:
         out = []

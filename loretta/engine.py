@@ -184,6 +184,14 @@ class Engine:
         with GatheredParameters(params, modifier_rank=None):
             yield
 
+    @contextlib.contextmanager
+    def gathered_group_params(
+        self, params: list[torch.nn.Parameter], modifier_rank: int | None = None
+    ) -> Iterator[None]:
+        """Gather `params`; with modifier_rank, that rank's edits are scattered back."""
+        with GatheredParameters(params, modifier_rank=modifier_rank):
+            yield
+
     def zero_stage(self) -> int:
         return int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
 

@@ -144,6 +144,8 @@ def run(cfg: TrainConfig, info: DistInfo, dry_run: bool = False, objective: Any 
         tokens_seen = int(p.resume_state.get("tokens_seen", 0))
         loader_state = p.resume_state.get("loader_state")
         wandb_id = p.resume_state.get("wandb_id")
+    elif cfg.checkpoint.init_from:
+        _warm_start(eng, cfg, p.layout, E)
     objective = objective or build_objective(cfg, p.layout)
     loader, _ = build_loader(cfg, rank, world, loader_state, objective.planner_factory())
     data = iter(loader)
@@ -357,6 +359,18 @@ def _log(
         m["mem_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
     logger.log(step, m)
     window.update(t0=time.perf_counter(), wait=0.0, tokens=0, real=0, steps=0)
+
+
+def _warm_start(eng: Any, cfg: TrainConfig, layout: Any, E: Any) -> None:
+    """Initial weights from a consolidated or Hugging Face export, at any world size."""
+    from loretta.convert import load_for_init
+
+    state = load_for_init(cfg.checkpoint.init_from, cfg.model, layout)  # CPU tensors, our names
+    rank = int(os.environ.get("RANK", "0"))
+    for name, param in eng.module.named_parameters():
+        with eng.gathered_group_params([param], modifier_rank=0):
+            if rank == 0:
+                param.data.copy_(state[name].to(param.dtype))
 
 
 def _rss_gb() -> float:

@@ -1,0 +1,72 @@
+"""Shared test helpers: run the real entry points in subprocesses (torchrun / deepspeed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+BIN = Path(PY).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        DS_ACCELERATOR="cpu",
+        WANDB_MODE="offline",
+        WANDB_SILENT="true",
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        MASTER_PORT=str(free_port()),
+    )
+    env.pop("WANDB_API_KEY", None)
+    env.update(extra)
+    return env
+
+
+def tiny_overrides(tmp: Path, steps: int = 30, data: Path | None = None, **more: Any) -> list[str]:
+    """Overrides that keep a tiny run inside `tmp` (shared synthetic data when given)."""
+    o = {
+        "run.run_dir": str(tmp / "run"),
+        "run.steps": steps,
+        "data.sources.0.path": str(data or (tmp / "data")),
+        "logging.interval": 1,
+        "logging.wandb": "disabled",
+        "logging.progress": "off",
+    }
+    o.update(more)
+    return [f"--{k}={v}" for k, v in o.items()]
+
+
+def torchrun(nproc: int, args: list[str], env: dict[str, str] | None = None, timeout: float = 600,
+             module: str = "loretta.pretrain", check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = env or base_env()
+    cmd = [
+        str(BIN / "torchrun"), f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+        f"--master_port={env['MASTER_PORT']}", "-m", module, *args,
+    ]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    if check and res.returncode != 0:
+        raise AssertionError(f"exit {res.returncode}\nSTDOUT:\n{res.stdout[-6000:]}\nSTDERR:\n{res.stderr[-6000:]}")
+    return res
+
+
+def metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in metrics(run_dir) if "loss" in m and "event" not in m}
