@@ -215,7 +215,7 @@ class LoggingConfig:
     wandb: Literal["auto", "offline", "online", "disabled"] = "auto"  # auto: online with a key
     project: str = "loretta"
     entity: str = ""
-    progress: Literal["auto", "on", "off"] = "auto"  # progress bar (auto: when a terminal)
+    progress: Literal["auto", "always", "never"] = "auto"  # progress bar (auto: on a terminal)
     peak_flops: float = 0.0  # per device, for MFU; 0 = detect (H100/H200/A100 bf16)
 
     def problems(self, p: str = "logging") -> list[str]:
@@ -276,11 +276,9 @@ def load_config(source: str, overrides: list[str] | None = None) -> TrainConfig:
     """Recipe name or YAML path + dotted overrides -> validated TrainConfig (or ConfigError)."""
     data, where = read_source(source)
     problems = apply_overrides(data, list(overrides or []))
-    cfg = from_dict(TrainConfig, data, "config", problems)
+    cfg = from_dict(TrainConfig, data, "", problems)
     if not problems:
         problems += cfg.problems()
-    # field paths read 'model.dim', not 'config.model.dim'
-    problems = [p[len("config.") :] if p.startswith("config.") else p for p in problems]
     if problems:
         raise ConfigError(problems, where)
     return cfg
@@ -288,9 +286,9 @@ def load_config(source: str, overrides: list[str] | None = None) -> TrainConfig:
 
 def config_from_dict(data: dict[str, Any], where: str = "config") -> TrainConfig:
     problems: list[str] = []
-    cfg = from_dict(TrainConfig, data, "config", problems)
+    cfg = from_dict(TrainConfig, data, "", problems)
     if not problems:
         problems += cfg.problems()
     if problems:
-        raise ConfigError([p.removeprefix("config.") for p in problems], where)
+        raise ConfigError(problems, where)
     return cfg

@@ -206,25 +206,27 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str, problems: list[
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}  # type: ignore[arg-type]
     kwargs: dict[str, Any] = {}
+
+    def at(key: str) -> str:
+        return f"{where}.{key}" if where else key
+
     for key, value in data.items():
         if key not in fields:
             close = difflib.get_close_matches(key, list(fields), n=1)
-            hint = f"; did you mean {where}.{close[0]}?" if close else ""
-            problems.append(
-                f"{where}.{key}: unknown field{hint} (known: {', '.join(sorted(fields))})"
-            )
+            hint = f"; did you mean {at(close[0])}?" if close else ""
+            problems.append(f"{at(key)}: unknown field{hint} (known: {', '.join(sorted(fields))})")
             continue
-        out = _convert(value, hints[key], f"{where}.{key}", problems)
+        out = _convert(value, hints[key], at(key), problems)
         if out is not _MISSING:
             kwargs[key] = out
     for name, f in fields.items():
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
         if required and name not in kwargs and name not in data:
-            problems.append(f"{where}.{name}: required field is missing")
+            problems.append(f"{at(name)}: required field is missing")
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field was missing or had a bad type
-        problems.append(f"{where}: {e}")
+        problems.append(f"{where or 'config'}: {e}")
         return _MISSING  # type: ignore[return-value]
 
 

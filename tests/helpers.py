@@ -44,22 +44,35 @@ def tiny_overrides(tmp: Path, steps: int = 30, data: Path | None = None, **more:
         "data.sources.0.path": str(data or (tmp / "data")),
         "logging.interval": 1,
         "logging.wandb": "disabled",
-        "logging.progress": "off",
+        "logging.progress": "never",
     }
     o.update(more)
     return [f"--{k}={v}" for k, v in o.items()]
 
 
-def torchrun(nproc: int, args: list[str], env: dict[str, str] | None = None, timeout: float = 600,
-             module: str = "loretta.pretrain", check: bool = True) -> subprocess.CompletedProcess[str]:
+def torchrun(
+    nproc: int,
+    args: list[str],
+    env: dict[str, str] | None = None,
+    timeout: float = 600,
+    module: str = "loretta.pretrain",
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
     env = env or base_env()
+    target = [module] if module.endswith(".py") else ["-m", module]
     cmd = [
-        str(BIN / "torchrun"), f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-        f"--master_port={env['MASTER_PORT']}", "-m", module, *args,
+        str(BIN / "torchrun"),
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={env['MASTER_PORT']}",
+        *target,
+        *args,
     ]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     if check and res.returncode != 0:
-        raise AssertionError(f"exit {res.returncode}\nSTDOUT:\n{res.stdout[-6000:]}\nSTDERR:\n{res.stderr[-6000:]}")
+        raise AssertionError(
+            f"exit {res.returncode}\nSTDOUT:\n{res.stdout[-6000:]}\nSTDERR:\n{res.stderr[-6000:]}"
+        )
     return res
 
 

@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 
 ROW_FIELDS = ("tokens", "positions", "doc_ids", "targets", "target_modality", "target_direction")
 
-# (source index, sample index, lengths per modality, 64-bit hash) -> document plan or None
-DocPlanner = Callable[[int, int, np.ndarray, int], "DocPlan | None"]
+# (source, sample, epoch, lengths per modality, 64-bit hash) -> document plan or None
+DocPlanner = Callable[[int, int, int, np.ndarray, int], "DocPlan | None"]
 
 
 @dataclass
@@ -105,7 +105,7 @@ class GlobalStream:
                 names = [self.builder.layout.names[m] for m in missing]
                 self._skip(f"missing modality {names}", src.where(idx))
                 continue
-            plan = self.planner(s, idx, lengths, mix64(self.seed, s, epoch, idx))
+            plan = self.planner(s, idx, epoch, lengths, mix64(self.seed, s, epoch, idx))
             if plan is None:
                 self._skip("no modality block fits in data.seq_len", src.where(idx))
                 continue
@@ -188,13 +188,13 @@ class RowWriter:
                         raise
                     self.read_errors += 1  # leave the document's slice as padding
                     view["doc_ids"][pos : pos + plan.length] = d
-                docs.append((r, plan.source, plan.sample))
+                docs.append((r, plan.source, plan.sample, plan.epoch))
                 pos += plan.length
             if pos < self.builder.seq_len:  # padding is its own document
                 view["doc_ids"][pos:] = len(row)
                 view["positions"][pos:] = np.arange(self.builder.seq_len - pos)
         batch: dict[str, Any] = dict(out)
-        batch["docs"] = np.asarray(docs, dtype=np.int64).reshape(-1, 3)
+        batch["docs"] = np.asarray(docs, dtype=np.int64).reshape(-1, 4)  # row, source, sample, epoch
         batch["gen_slots"] = slots
         return batch
 

@@ -33,6 +33,7 @@ class Block(NamedTuple):
 class DocPlan(NamedTuple):
     source: int
     sample: int
+    epoch: int  # the source epoch this sample was drawn in
     blocks: tuple[Block, ...]
     length: int  # tokens in the row, specials included
 
@@ -109,14 +110,16 @@ class SequenceBuilder:
     def doc_length(self, blocks: tuple[Block, ...]) -> int:
         return self.specials + sum(1 + b.n for b in blocks)
 
-    def plan(self, source: int, sample: int, lengths: np.ndarray, h: int) -> DocPlan | None:
+    def plan(
+        self, source: int, sample: int, epoch: int, lengths: np.ndarray, h: int
+    ) -> DocPlan | None:
         """Plain (commutative or fixed-order) document of real modalities; None if nothing fits."""
         present = tuple(int(m) for m in np.flatnonzero(lengths))
         order = self.order(present, h)
         blocks = self.fit([Block(m, int(lengths[m])) for m in order])
         if not blocks:
             return None
-        return DocPlan(source, sample, blocks, self.doc_length(blocks))
+        return DocPlan(source, sample, epoch, blocks, self.doc_length(blocks))
 
     def direction(self, blocks: tuple[Block, ...], k: int) -> int:
         b = blocks[k]

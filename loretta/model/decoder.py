@@ -35,7 +35,10 @@ class RMSNorm(nn.Module):
 def rope_cos_sin(
     position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin of shape (B, T, 1, hd) for the given (B, T) positions (half-split layout)."""
+    """cos and signed sin, each (B, T, 1, hd), for (B, T) positions (half-split layout).
+
+    The sin carries rotate_half's sign ([-sin | +sin]) so that rotating is x*cos + roll(x)*sin.
+    """
     inv_freq = 1.0 / (
         theta
         ** (
@@ -43,14 +46,16 @@ def rope_cos_sin(
         )
     )
     freqs = position_ids.float()[..., None] * inv_freq  # (B, T, hd/2)
-    emb = torch.cat([freqs, freqs], dim=-1)[:, :, None, :]  # (B, T, 1, hd)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    cos, sin = freqs.cos(), freqs.sin()
+    cos = torch.cat([cos, cos], dim=-1)[:, :, None, :]  # (B, T, 1, hd)
+    sin = torch.cat([-sin, sin], dim=-1)[:, :, None, :]
+    return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, T, h, hd); rotate the two halves of the head dim (HF's rotate_half convention)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    # x: (B, T, h, hd). HF's rotate_half(x) = [-x2, x1] = roll(x, hd/2) * [-1 | +1]; the sign
+    # lives in `sin`, so one roll replaces a negation and a concatenation.
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 @dataclass
@@ -96,11 +101,11 @@ class Attention(nn.Module):
         layer: int,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        qkv = self.wqkv(x)
-        q, k, v = qkv.split([self.n_heads * self.hd, self.n_kv * self.hd, self.n_kv * self.hd], -1)
-        q = apply_rope(q.view(B, T, self.n_heads, self.hd), cos, sin)  # (B, T, H, hd)
-        k = apply_rope(k.view(B, T, self.n_kv, self.hd), cos, sin)  # (B, T, Hkv, hd)
-        v = v.view(B, T, self.n_kv, self.hd)
+        qkv = self.wqkv(x).view(B, T, self.n_heads + 2 * self.n_kv, self.hd)
+        # rotate the q and k heads in one go: (B, T, H + Hkv, hd)
+        qk = apply_rope(qkv[:, :, : self.n_heads + self.n_kv], cos, sin)
+        q, k = qk.split([self.n_heads, self.n_kv], dim=2)  # (B, T, H, hd), (B, T, Hkv, hd)
+        v = qkv[:, :, self.n_heads + self.n_kv :]
         if cache is not None:
             s = cache.length
             cache.k[layer, :, s : s + T] = k

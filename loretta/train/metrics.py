@@ -127,7 +127,7 @@ class MetricsLogger:
                 dir=str(run_dir),
                 config=config,
             )
-        show = progress == "on" or (progress == "auto" and sys.stderr.isatty())
+        show = progress == "always" or (progress == "auto" and sys.stderr.isatty())
         if show:
             from tqdm import tqdm
 
