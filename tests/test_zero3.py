@@ -57,7 +57,7 @@ def test_deepspeed_launcher(tmp_path: Path, tiny_data: Path) -> None:
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4, 5]
-    start = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][
-        0
-    ]
+    start = next(
+        json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    )
     assert start["world_size"] == 2

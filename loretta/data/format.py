@@ -250,7 +250,9 @@ def scan_shard(
                 rows[key][mod] = (member.offset_data, member.size, int(arr.size))
                 tokens[mod] += int(arr.size)
     except tarfile.TarError as e:
-        raise DataError(f"{path}: not a readable tar ({e}); the shard is truncated or corrupt")
+        raise DataError(
+            f"{path}: not a readable tar ({e}); the shard is truncated or corrupt"
+        ) from e
     idx = np.zeros(len(order), dtype=index_dtype(M))
     for i, key in enumerate(order):
         if len(key.encode()) > KEY_BYTES:

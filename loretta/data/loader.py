@@ -194,7 +194,9 @@ class RowWriter:
                 view["doc_ids"][pos:] = len(row)
                 view["positions"][pos:] = np.arange(self.builder.seq_len - pos)
         batch: dict[str, Any] = dict(out)
-        batch["docs"] = np.asarray(docs, dtype=np.int64).reshape(-1, 4)  # row, source, sample, epoch
+        batch["docs"] = np.asarray(docs, dtype=np.int64).reshape(
+            -1, 4
+        )  # row, source, sample, epoch
         batch["gen_slots"] = slots
         return batch
 
@@ -211,8 +213,9 @@ def open_sources(cfg: DataConfig, seed: int) -> tuple[list[Any], VocabLayout]:
         if layout is None:
             layout = ds.layout
         else:
-            layout.check_same(ds.layout, f"data.sources.0 ({cfg.sources[0].path})",
-                              f"data.sources.{i} ({s.path})")
+            layout.check_same(
+                ds.layout, f"data.sources.0 ({cfg.sources[0].path})", f"data.sources.{i} ({s.path})"
+            )
         for m in s.modalities:
             if m not in ds.layout:
                 raise DataError(
@@ -274,8 +277,14 @@ class RankStream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
         builder = SequenceBuilder(self.layout, d.sequence, d.seq_len, self.cfg.run.seed)
         planner = self.planner_factory(self.datasets, builder) if self.planner_factory else None
         stream = GlobalStream(
-            source_metas(d, self.datasets), builder, self.cfg.run.seed, d.pack_lookahead,
-            d.on_error, d.max_skipped, d.mix_by, planner,
+            source_metas(d, self.datasets),
+            builder,
+            self.cfg.run.seed,
+            d.pack_lookahead,
+            d.on_error,
+            d.max_skipped,
+            d.mix_by,
+            planner,
         )
         if self.state is not None:
             stream.load_state_dict(self.state)

@@ -36,11 +36,18 @@ class Packer:
 
     def state_dict(self) -> list[list[Any]]:
         return [
-            [d.source, d.sample, d.epoch, [list(b) for b in d.blocks], d.length] for d in self.buffer
+            [d.source, d.sample, d.epoch, [list(b) for b in d.blocks], d.length]
+            for d in self.buffer
         ]
 
     def load_state_dict(self, s: list[list[Any]]) -> None:
         self.buffer = [
-            DocPlan(int(src), int(smp), int(ep), tuple(Block(*(int(x) for x in b)) for b in blocks), int(n))
+            DocPlan(
+                int(src),
+                int(smp),
+                int(ep),
+                tuple(Block(*(int(x) for x in b)) for b in blocks),
+                int(n),
+            )
             for src, smp, ep, blocks, n in s
         ]

@@ -100,9 +100,9 @@ def _finish_shard(path: Path, shard_id: int, layout: VocabLayout) -> tuple[Any, 
 class DatasetWriter:
     """Sequential writer with a target shard size.
 
-        with DatasetWriter("data/pairs", layout) as w:
-            for s in samples:
-                w.write(s)          # {"key": "000001", "image": ids, "text": ids, "meta": {...}}
+    with DatasetWriter("data/pairs", layout) as w:
+        for s in samples:
+            w.write(s)          # {"key": "000001", "image": ids, "text": ids, "meta": {...}}
     """
 
     def __init__(
@@ -137,7 +137,9 @@ class DatasetWriter:
     def write(self, sample: Sample) -> None:
         rec = _encode_sample(sample, self.layout, str(self.out))
         if rec["__key__"] in self._keys:
-            raise DataError(f"{self.out}: duplicate sample key {rec['__key__']!r}; keys must be unique")
+            raise DataError(
+                f"{self.out}: duplicate sample key {rec['__key__']!r}; keys must be unique"
+            )
         self._keys.add(rec["__key__"])
         self._pending.append(rec)
         self._pending_bytes += sum(len(v) + 512 for k, v in rec.items() if k != "__key__")
@@ -162,7 +164,9 @@ class DatasetWriter:
         self._flush()
         if self._bar is not None:
             self._bar.close()
-        return _commit(self.tmp, self.out, self.layout, self._infos, self._indices, self.meta, self.overwrite)
+        return _commit(
+            self.tmp, self.out, self.layout, self._infos, self._indices, self.meta, self.overwrite
+        )
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -224,8 +228,12 @@ def write_dataset(
     """Write `samples` into shards of `samples_per_shard`, encoding shards in `workers` processes."""
     if workers <= 1:
         with DatasetWriter(
-            out_dir, layout, samples_per_shard=samples_per_shard, overwrite=overwrite,
-            meta=meta, progress=progress,
+            out_dir,
+            layout,
+            samples_per_shard=samples_per_shard,
+            overwrite=overwrite,
+            meta=meta,
+            progress=progress,
         ) as w:
             for s in samples:
                 w.write(s)
@@ -266,7 +274,9 @@ def write_dataset(
             bar.close()
 
 
-def index_dataset(folder: str | Path, layout: VocabLayout, meta: dict[str, Any] | None = None) -> Manifest:
+def index_dataset(
+    folder: str | Path, layout: VocabLayout, meta: dict[str, Any] | None = None
+) -> Manifest:
     """Build manifest + index for existing webdataset tars in `folder` (validating every array)."""
     folder = Path(folder)
     tars = sorted(folder.glob("*.tar"))
@@ -400,7 +410,9 @@ class ShardDataset:
         try:
             self.index = np.load(p, mmap_mode="r")
         except (ValueError, OSError) as e:
-            raise DataError(f"{p}: unreadable index ({e}); rebuild it with `loretta-shards index`") from e
+            raise DataError(
+                f"{p}: unreadable index ({e}); rebuild it with `loretta-shards index`"
+            ) from e
         n = self.manifest.samples
         if self.index.dtype != index_dtype(len(self.layout.names)) or len(self.index) != n:
             raise DataError(
@@ -518,7 +530,11 @@ class ShardDataset:
 
 def open_dataset(path: str, cache_dir: str | Path = "", verify_checksums: bool = False) -> Any:
     """A ShardDataset, or an MdsDataset when the folder holds mosaicml-streaming shards."""
-    if not is_url(path) and (Path(path) / "index.json").exists() and not (Path(path) / "index.npy").exists():
+    if (
+        not is_url(path)
+        and (Path(path) / "index.json").exists()
+        and not (Path(path) / "index.npy").exists()
+    ):
         from loretta.data.mds import MdsDataset
 
         return MdsDataset(path, cache_dir=cache_dir)
