@@ -91,7 +91,8 @@ class DataConfig:
     on_error: Literal["raise", "skip"] = "raise"
     max_skipped: int = 1000  # skip policy: raise after this many bad samples
     verify_checksums: bool = False
-    cache_dir: str = ""  # local copies of remote shards ('' = <run_dir>/cache)
+    cache_dir: str = ""  # local copies of remote shards ('' = ~/.cache/loretta/shards)
+    audit: bool = False  # write every consumed (step, source, sample, epoch) to <run_dir>/audit/
 
     def problems(self, p: str = "data") -> list[str]:
         out = []

@@ -83,3 +83,68 @@ def metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def losses(run_dir: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in metrics(run_dir) if "loss" in m and "event" not in m}
+
+
+def spawn_torchrun(
+    nproc: int, args: list[str], env: dict[str, str] | None = None, module: str = "loretta.pretrain"
+) -> subprocess.Popen[str]:
+    env = env or base_env()
+    target = [module] if module.endswith(".py") else ["-m", module]
+    cmd = [
+        str(BIN / "torchrun"),
+        f"--nproc_per_node={nproc}",
+        "--master_addr=127.0.0.1",
+        f"--master_port={env['MASTER_PORT']}",
+        *target,
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO
+    )
+
+
+def worker_pids(proc: subprocess.Popen[str], n: int, timeout: float = 60) -> list[int]:
+    """PIDs of the training processes under a torchrun, ordered by rank."""
+    import time
+
+    import psutil
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        kids = [
+            c
+            for c in psutil.Process(proc.pid).children(recursive=True)
+            if "loretta.pretrain" in " ".join(c.cmdline())
+        ]
+        if len(kids) == n:
+            ranks = {k.pid: int(k.environ().get("RANK", "0")) for k in kids}
+            return sorted(ranks, key=ranks.__getitem__)
+        time.sleep(0.2)
+    raise AssertionError("training processes did not appear")
+
+
+def wait_for_step(
+    run_dir: Path, step: int, proc: subprocess.Popen[str], timeout: float = 300
+) -> None:
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(
+                f"run ended early (exit {proc.returncode}):\n{proc.stdout.read()[-4000:] if proc.stdout else ''}"
+            )
+        try:
+            if any(m.get("step", 0) >= step and "loss" in m for m in metrics(run_dir)):
+                return
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def losses_after_last_start(run_dir: Path) -> dict[int, float]:
+    """Per-step losses logged by the most recent (resumed) process group."""
+    rows = metrics(run_dir)
+    last = max(i for i, m in enumerate(rows) if m.get("event") == "start")
+    return {m["step"]: m["loss"] for m in rows[last:] if "loss" in m and "event" not in m}

@@ -6,7 +6,6 @@ import subprocess
 from pathlib import Path
 
 import yaml
-
 from helpers import PY, REPO, base_env, tiny_overrides
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import re
 import subprocess
-import tomllib
 from pathlib import Path
 
+import tomllib
 from helpers import BIN, REPO, base_env, tiny_overrides
 
 

@@ -5,13 +5,13 @@ The wheel ships ``libespeak-ng.so`` and its ``espeak-ng-data`` folder (phonemes,
 ``get_library_path()`` / ``get_data_path()``. We drive the C API through ctypes in synchronous
 mode, where ``espeak_Synth`` returns only after the whole utterance was handed to our callback.
 
-Determinism: espeak-ng keeps the phase of its pitch "flutter" in a static variable that survives
-between utterances (even across ``espeak_Terminate``/``espeak_Initialize``), so the same text,
-voice and parameters give different samples depending on what the process synthesised before.
-That would make a dataset depend on how clips were spread over worker processes. We therefore
-point espeak at a private data folder whose voice variants are the wheel's with ``flutter 0``
-appended (every other entry is a symlink to the wheel's data), and seed espeak's noise generator
-before every clip: a clip is then a pure function of its arguments.
+Determinism: espeak-ng keeps synthesis state in static variables that survive between utterances
+(and even espeak_Terminate/Initialize): the phase of its pitch "flutter", and other phase-like
+values of the wave generator. The same text, voice and parameters therefore give different samples
+depending on what the process synthesised before. We remove what we can (every voice variant is
+loaded from a private copy with ``flutter 0`` appended; espeak's noise generator is seeded per
+clip), and the speech builder synthesises each fixed-size chunk of clips in a fresh process, so a
+clip depends only on the chunk it is in, never on how chunks were spread over workers.
 """
 
 from __future__ import annotations
@@ -57,10 +57,13 @@ def espeak_paths() -> tuple[Path, Path]:
     return lib, data
 
 
-def _private_data_dir(wheel_data: Path) -> Path:
-    """A data folder identical to the wheel's except that every voice variant has flutter 0."""
-    root = Path(tempfile.mkdtemp(prefix="loretta-espeak-"))
-    atexit.register(shutil.rmtree, root, ignore_errors=True)
+def prepare_data_dir(root: str | Path) -> Path:
+    """Write `root`/espeak-ng-data: the wheel's data, except that every voice variant has flutter 0.
+
+    Returns `root`, the folder to pass to `Espeak`. Entries other than the variants are symlinks.
+    """
+    _, wheel_data = espeak_paths()
+    root = Path(root)
     data = root / "espeak-ng-data"
     variants = data / "voices" / "!v"
     variants.mkdir(parents=True)
@@ -79,15 +82,23 @@ def _private_data_dir(wheel_data: Path) -> Path:
             # a later keyword overrides an earlier one in espeak's voice files
             text = src.read_text(encoding="utf-8", errors="replace")
             (variants / src.name).write_text(text.rstrip("\n") + "\nflutter 0\n", encoding="utf-8")
-    return data
+    return root
 
 
 class Espeak:
-    """The process's espeak-ng engine (the C library is a singleton): use `engine()`."""
+    """The process's espeak-ng engine (the C library is a singleton): use `engine()`.
 
-    def __init__(self) -> None:
-        lib_path, wheel_data = espeak_paths()
-        self.data = _private_data_dir(wheel_data)
+    `root` is a folder made by `prepare_data_dir`.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        lib_path, _ = espeak_paths()
+        self.root = Path(root)
+        self.data = self.root / "espeak-ng-data"
+        if not (self.data / "phondata").exists():
+            raise DataError(
+                f"{self.data}: not an espeak-ng data folder; make it with prepare_data_dir"
+            )
         self.variants = sorted(p.name for p in (self.data / "voices" / "!v").iterdir())
         lib = ctypes.CDLL(str(lib_path))
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
@@ -97,7 +108,10 @@ class Espeak:
             ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
             ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p,
         ]  # fmt: skip
-        lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
+        # espeak-ng >= 1.52 (the wheel's): seeds the noise of breathy voices; older ones lack it
+        self._set_seed = getattr(lib, "espeak_ng_SetRandSeed", None)
+        if self._set_seed is not None:
+            self._set_seed.argtypes = [ctypes.c_long]
         # the documented argument is the folder that *contains* espeak-ng-data
         rate = lib.espeak_Initialize(
             _AUDIO_OUTPUT_SYNCHRONOUS, 0, str(self.data.parent).encode(), 0
@@ -138,7 +152,8 @@ class Espeak:
                 )
             for param, value in ((_RATE, rate), (_PITCH, pitch), (_RANGE, pitch_range)):
                 self._lib.espeak_SetParameter(param, int(value), 0)
-            self._lib.espeak_ng_SetRandSeed(seed)
+            if self._set_seed is not None:
+                self._set_seed(seed)
             self._chunks = []
             data = text.encode() + b"\0"
             status = self._lib.espeak_Synth(data, len(data), 0, 0, 0, 0, None, None)
@@ -153,9 +168,20 @@ class Espeak:
 _ENGINE: Espeak | None = None
 
 
-def engine() -> Espeak:
-    """This process's espeak-ng engine, created on first use."""
+def engine(root: str | Path | None = None) -> Espeak:
+    """This process's espeak-ng engine, created on first use.
+
+    `root`: a `prepare_data_dir` folder; None makes one in a temporary folder removed at exit.
+    """
     global _ENGINE
     if _ENGINE is None:
-        _ENGINE = Espeak()
+        if root is None:
+            root = prepare_data_dir(tempfile.mkdtemp(prefix="loretta-espeak-"))
+            atexit.register(shutil.rmtree, root, ignore_errors=True)
+        _ENGINE = Espeak(root)
+    elif root is not None and Path(root) != _ENGINE.root:
+        raise DataError(
+            f"this process's espeak-ng engine already uses {_ENGINE.root}, not {root}: the "
+            "library holds one instance per process"
+        )
     return _ENGINE

@@ -1,7 +1,9 @@
 """Spoken digits synthesised offline (espeak-ng), as fixed-size MFCC token grids.
 
-A clip is described by a `ClipSpec` (word, voice, rate, pitch, noise level, seed). Synthesis and
-features are pure functions of the spec, so clips can be computed in any process and order.
+A clip is described by a `ClipSpec` (word, voice, rate, pitch, noise level, seed). espeak-ng's
+output also depends on what the process synthesised before (see loretta/demo/espeak.py), so
+`compute_features` synthesises fixed chunks of `SYNTH_CHUNK` clips, each in a fresh process: the
+features are then a function of the spec list alone, whatever the number of workers.
 Features: trim silence, add white noise at the spec's SNR (synthetic speech is otherwise
 unnaturally clean), MFCC with 25 ms windows and 10 ms hops, then a fixed number of frames:
 "stretch" interpolates the whole word onto `frames` steps (rate-invariant, nothing cut),
@@ -12,15 +14,16 @@ Binning turns each coefficient into `levels` ids with edges fitted on training c
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import get_context
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
 
-from loretta.demo.espeak import engine
+from loretta.demo.espeak import engine, prepare_data_dir
 from loretta.demo.mfcc import mfcc, resample_frames, trim_silence
 
 FrameMode = Literal["stretch", "pad"]
@@ -52,6 +55,7 @@ RATE_WPM = (120, 260)  # espeak words per minute (default 175)
 PITCH = (20, 80)  # espeak 0..100 (default 50)
 PITCH_RANGE = (20, 80)  # intonation range 0..100 (default 50)
 HOP_S, WIN_S = 0.010, 0.025
+SYNTH_CHUNK = 500  # clips per fresh process; part of what defines the data (see module doc)
 
 
 @dataclass(frozen=True)
@@ -117,16 +121,19 @@ class FeatureSpec:
     frame_mode: FrameMode = "stretch"
 
 
-def clip_audio(spec: ClipSpec) -> tuple[np.ndarray, int]:
+def clip_audio(spec: ClipSpec, espeak_root: str | Path | None = None) -> tuple[np.ndarray, int]:
     """(float samples in [-1, 1], sample rate) of the spoken word, silence trimmed."""
-    eng = engine()
+    eng = engine(espeak_root)
     wav = eng.synth(spec.word, spec.voice, spec.rate, spec.pitch, spec.pitch_range, spec.seed)
     return trim_silence(wav.astype(np.float64) / 32768.0), eng.sample_rate
 
 
-def clip_features(spec: ClipSpec, feat: FeatureSpec) -> np.ndarray:
-    """(frames, coeffs) float32 MFCCs of one clip."""
-    x, sr = clip_audio(spec)
+def clip_features(
+    spec: ClipSpec, feat: FeatureSpec, espeak_root: str | Path | None = None
+) -> np.ndarray:
+    """(frames, coeffs) float32 MFCCs of one clip, synthesised in this process."""
+    x, sr = clip_audio(spec, espeak_root)
+    power = float(np.mean(x**2)) if x.size else 0.0  # of the word alone, before any padding
     if feat.frame_mode == "pad":
         want = round(((feat.frames - 1) * HOP_S + WIN_S) * sr)
         if len(x) < want:
@@ -136,7 +143,6 @@ def clip_features(spec: ClipSpec, feat: FeatureSpec) -> np.ndarray:
             cut = (len(x) - want) // 2
             x = x[cut : cut + want]
     rng = np.random.default_rng(spec.seed)
-    power = float(np.mean(x**2)) if x.size else 0.0
     x = x + rng.normal(0.0, np.sqrt(power / 10.0 ** (spec.snr_db / 10.0)), size=x.shape)
     m = mfcc(x, sr, n_mfcc=feat.coeffs, n_mels=feat.mels, win_s=WIN_S, hop_s=HOP_S)
     if feat.frame_mode == "stretch":
@@ -145,26 +151,31 @@ def clip_features(spec: ClipSpec, feat: FeatureSpec) -> np.ndarray:
     return m.astype(np.float32)
 
 
-def _features_task(args: tuple[list[ClipSpec], FeatureSpec]) -> np.ndarray:
-    specs, feat = args
-    return np.stack([clip_features(s, feat) for s in specs])
+def _chunk_task(args: tuple[list[ClipSpec], FeatureSpec, str]) -> np.ndarray:
+    specs, feat, root = args
+    return np.stack([clip_features(s, feat, root) for s in specs])
 
 
 def compute_features(specs: Sequence[ClipSpec], feat: FeatureSpec, workers: int = 1) -> np.ndarray:
-    """(len(specs), frames, coeffs) MFCCs, in `workers` processes (same result for any count)."""
+    """(len(specs), frames, coeffs) MFCCs; bit-identical for any number of `workers`."""
     if not specs:
         return np.zeros((0, feat.frames, feat.coeffs), np.float32)
-    if workers <= 1:
-        return _features_task((list(specs), feat))
-    chunk = max(1, -(-len(specs) // (4 * workers)))  # a few chunks per worker balance the load
-    tasks = [(list(specs[i : i + chunk]), feat) for i in range(0, len(specs), chunk)]
-    # spawn, not fork: the caller may hold threads (torch, tokenizers) that fork would break
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        return np.concatenate(list(pool.map(_features_task, tasks)))
+    with tempfile.TemporaryDirectory(prefix="loretta-espeak-") as tmp:
+        root = str(prepare_data_dir(tmp))
+        tasks = [
+            (list(specs[i : i + SYNTH_CHUNK]), feat, root)
+            for i in range(0, len(specs), SYNTH_CHUNK)
+        ]
+        # spawn (not fork: the caller may hold threads) a fresh process per chunk
+        ctx = get_context("spawn")
+        with ctx.Pool(max(1, min(workers, len(tasks))), maxtasksperchild=1) as pool:
+            return np.concatenate(pool.map(_chunk_task, tasks, chunksize=1))
 
 
 def default_workers() -> int:
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+    """Processes for speech synthesis: the CPUs this process may use, at most 4."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(4, cpus or 1))
 
 
 # ---- binning --------------------------------------------------------------------------------

@@ -80,18 +80,17 @@ def language_problems(languages: Sequence[str], where: str) -> list[str]:
     return out
 
 
-def _english_phrases(c: int, words: list[str]) -> Iterable[str]:
-    w, d = words[c], str(c)
-    for count in (w, d):
+def _count_phrases(c: int, word: str) -> Iterable[str]:
+    """'we found seven red apples', 'I see 7 cats', ... (most of a class's texts)."""
+    for count in (word, str(c)):
         for adj, (one, many) in itertools.product(_ADJECTIVES, _NOUNS):
-            noun = one if c == 1 else many
-            phrase = " ".join(p for p in (count, adj, noun) if p)
+            phrase = " ".join(p for p in (count, adj, one if c == 1 else many) if p)
             for frame in _FRAMES:
                 yield frame.format(phrase)
-    for frame in _NUMBER_FRAMES:
-        yield frame.format(w)
-        yield frame.format(d)
-    # arithmetic whose result is c, in words and in symbols
+
+
+def _arithmetic(c: int, words: list[str]) -> Iterable[str]:
+    """Sums and differences whose result is c, in words and in symbols."""
     for a in range(c + 1):
         yield f"{words[a]} plus {words[c - a]}"
         yield f"{a} + {c - a}"
@@ -100,34 +99,49 @@ def _english_phrases(c: int, words: list[str]) -> Iterable[str]:
         yield f"{a} - {a - c}"
 
 
-def class_candidates(c: int, languages: Sequence[str]) -> list[str]:
-    """Every distinct text for class `c` (not yet checked against the other classes)."""
-    out: dict[str, None] = {}  # an ordered set: the order is reproducible
+def class_candidates(c: int, languages: Sequence[str]) -> dict[str, list[str]]:
+    """Every distinct text for class `c`, by kind: {"words", "frames", "arithmetic", "phrases"}.
+
+    Kinds differ a lot in size (a few dozen words, thousands of phrases); the builder draws
+    from them in turn, so a small dataset still sees every kind.
+    """
     english = number_words("en")
+    words: list[str] = []
     for lang in languages:
         cardinal = number_words(lang)
-        out[cardinal[c]] = None
-        out[cardinal[c].capitalize()] = None
+        words += [cardinal[c], cardinal[c].capitalize(), f"the number {cardinal[c]}"]
         try:
-            out[number_words(lang, to="ordinal")[c]] = None
+            words.append(number_words(lang, to="ordinal")[c])
         except DataError:
             pass  # not every language has ordinals in num2words
-        out[f"the number {cardinal[c]}"] = None
-        for frame in _FOREIGN_FRAMES.get(lang, []):
-            out[frame.format(cardinal[c])] = None
-    for text in _english_phrases(c, english):
-        out[text] = None
-    return list(out)
+        words += [frame.format(cardinal[c]) for frame in _FOREIGN_FRAMES.get(lang, [])]
+    frames = [f.format(x) for f in _NUMBER_FRAMES for x in (english[c], str(c))]
+    kinds = {
+        "words": words,
+        "frames": frames,
+        "arithmetic": list(_arithmetic(c, english)),
+        "phrases": list(_count_phrases(c, english[c])),
+    }
+    seen: set[str] = set()  # a text counts once, in the first kind that has it
+    out: dict[str, list[str]] = {}
+    for kind, items in kinds.items():
+        out[kind] = [t for t in dict.fromkeys(items) if t not in seen]
+        seen.update(out[kind])
+    return out
 
 
-def text_pools(languages: Sequence[str], classes: int = 10) -> list[list[str]]:
-    """Distinct candidate texts per class, with strings that denote two classes removed."""
+def text_pools(languages: Sequence[str], classes: int = 10) -> list[dict[str, list[str]]]:
+    """Distinct candidate texts per class and kind; strings that denote two classes are removed."""
     cands = [class_candidates(c, languages) for c in range(classes)]
     owner: dict[str, set[int]] = {}
-    for c, texts in enumerate(cands):
-        for t in texts:
-            owner.setdefault(t.casefold(), set()).add(c)
-    return [[t for t in texts if len(owner[t.casefold()]) == 1] for texts in cands]
+    for c, kinds in enumerate(cands):
+        for items in kinds.values():
+            for t in items:
+                owner.setdefault(t.casefold(), set()).add(c)
+    return [
+        {kind: [t for t in items if len(owner[t.casefold()]) == 1] for kind, items in kinds.items()}
+        for kinds in cands
+    ]
 
 
 # ---- byte-level BPE -------------------------------------------------------------------------

