@@ -232,7 +232,9 @@ class LoggingConfig:
 class FaultConfig:
     nan_policy: Literal["skip", "stop"] = "skip"  # on a non-finite loss or grad norm
     max_nan_skips: int = 10  # skip policy: stop after this many skipped steps
-    inject_nan_at: list[int] = field(default_factory=list)  # testing: poison these steps' loss
+    inject_nan_at: list[int] = field(
+        default_factory=list
+    )  # testing: poison these steps' loss (1-based)
     crash_in_save_at: list[int] = field(default_factory=list)  # testing: die mid-save at these
 
     def problems(self, p: str = "faults") -> list[str]:

@@ -238,7 +238,7 @@ def run(cfg: TrainConfig, info: DistInfo, dry_run: bool = False, objective: Any 
                 valid = targets.reshape(-1) != IGNORE
                 n_valid = valid.sum()
                 loss = tl.sum() / n_valid.clamp(min=1)
-                if step in cfg.faults.inject_nan_at:
+                if step + 1 in cfg.faults.inject_nan_at:
                     loss = loss * float("nan")
                 eng.backward(loss)
                 applied, gnorm = eng.step()
@@ -261,10 +261,10 @@ def run(cfg: TrainConfig, info: DistInfo, dry_run: bool = False, objective: Any 
             step_loss[2] = 1.0 if signals.received is not None else 0.0
             agg = E.all_reduce_(step_loss.to(eng.device)).cpu()
             mean_loss = float(agg[0] / agg[1])
-            counted = nan.check(step, applied, mean_loss, gnorm)
+            counted = nan.check(step + 1, applied, mean_loss, gnorm)
             if not counted:
                 logger.event(
-                    step,
+                    step + 1,
                     "skipped_nonfinite",
                     loss=mean_loss,
                     grad_norm=gnorm,
@@ -308,7 +308,7 @@ def run(cfg: TrainConfig, info: DistInfo, dry_run: bool = False, objective: Any 
         if code == EXIT_OK and cfg.checkpoint.save_final:
             save(step)
     except StopTraining as e:
-        logger.event(step, "stopped", reason=str(e), exit_code=e.code)
+        logger.event(step + 1, "stopped", reason=str(e), exit_code=e.code)
         code = e.code
     finally:
         watchdog.stop()
