@@ -57,6 +57,7 @@ class SyntheticConfig:
     classes: int = 10
     seed: int = 0
     modalities: dict[str, SynthModality] = field(default_factory=dict)
+    present: list[str] = field(default_factory=list)  # modalities each sample has ([] = all)
     samples_per_shard: int = 500
 
 
@@ -72,10 +73,86 @@ class SourceConfig:
 @dataclass
 class SequenceConfig:
     order: Literal["random", "fixed"] = "random"  # random: commutative (shuffled modality blocks)
+    shuffle_prob: float = 1.0  # random order: chance of a random permutation (else fixed_order)
     fixed_order: list[str] = field(default_factory=list)  # order when fixed ([] = layout order)
     add_bos: bool = True
     add_eos: bool = True
     max_tokens: dict[str, int] = field(default_factory=dict)  # per-modality truncation
+
+
+@dataclass
+class LinkConfig:
+    """Transitive link for one source: generate `generate` from the real modality `prompt`
+    (through the `via` modalities in turn, for chains), then train [generate', target]."""
+
+    source: str = ""
+    generate: str = ""
+    prompt: str = ""
+    target: str = ""
+    via: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GenerationConfig:
+    temperature: float = 1.0
+    top_k: int = 0  # 0: sample from the whole (restricted) distribution
+    max_tokens: dict[str, int] = field(default_factory=dict)  # cap for variable-length modalities
+    gather: Literal["once", "layers"] = "once"  # ZeRO-3: gather all weights once, or by groups
+    layers_per_group: int = 4  # 'layers' mode: layers gathered together per decode step
+    batch_size: int = 64  # prompts per generate call
+
+
+@dataclass
+class ObjectiveConfig:
+    """LoReTTa: commutative ordering comes from data.sequence; this adds transitive documents."""
+
+    links: list[LinkConfig] = field(default_factory=list)
+    transitive_prob: float = 0.5  # chance that a sample with a link becomes [generated', target]
+    all_modalities_prob: float = 0.0  # chance of one document with every real + generated block
+    loss_on_generated: bool = False  # train on the model's own samples too (default: no)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+    def problems(self, sources: list[str], p: str = "objective") -> list[str]:
+        out = []
+        for name, v in (
+            ("transitive_prob", self.transitive_prob),
+            ("all_modalities_prob", self.all_modalities_prob),
+        ):
+            if not 0.0 <= v <= 1.0:
+                out.append(f"{p}.{name}={v}: must be a probability in [0, 1]")
+        if self.transitive_prob + self.all_modalities_prob > 1.0 + 1e-9:
+            out.append(
+                f"{p}.transitive_prob + all_modalities_prob = "
+                f"{self.transitive_prob + self.all_modalities_prob}: must not exceed 1"
+            )
+        g = self.generation
+        if not g.temperature >= 0:
+            out.append(f"{p}.generation.temperature={g.temperature}: must be >= 0 (0 = greedy)")
+        if g.top_k < 0:
+            out.append(f"{p}.generation.top_k={g.top_k}: must be >= 0 (0 = off)")
+        if g.layers_per_group < 1 or g.batch_size < 1:
+            out.append(f"{p}.generation: layers_per_group and batch_size must be >= 1")
+        for m, n in g.max_tokens.items():
+            if n < 1:
+                out.append(f"{p}.generation.max_tokens.{m}={n}: must be >= 1")
+        for i, link in enumerate(self.links):
+            w = f"{p}.links.{i}"
+            if link.source not in sources:
+                out.append(f"{w}.source={link.source!r}: no such data source (have {sources})")
+            path = [link.prompt, *link.via, link.generate]
+            if not link.prompt or not link.generate or not link.target:
+                out.append(f"{w}: prompt, generate and target must all be set")
+            elif len(set(path)) != len(path):
+                out.append(
+                    f"{w}: the generation path {' -> '.join(path)} has a cycle; "
+                    "each step must produce a new modality"
+                )
+            elif link.target == link.generate:
+                out.append(
+                    f"{w}.target={link.target!r} equals generate: nothing real would be "
+                    "predicted (the loss skips generated tokens); target a real modality"
+                )
+        return out
 
 
 @dataclass
@@ -115,6 +192,9 @@ class DataConfig:
                     out.append(f"{w}.synthetic: samples, classes, samples_per_shard must be >= 1")
                 if not syn.modalities:
                     out.append(f"{w}.synthetic.modalities: empty; name at least one modality")
+                for m in syn.present:
+                    if m not in syn.modalities:
+                        out.append(f"{w}.synthetic.present: {m!r} is not in synthetic.modalities")
                 for m, sm in syn.modalities.items():
                     if sm.size < 1 or not 1 <= sm.min_len <= sm.max_len:
                         out.append(
@@ -253,11 +333,17 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
     def problems(self) -> list[str]:
         out = self.run.problems() + self.model.problems() + self.data.problems()
         out += self.optim.problems() + self.engine.problems() + self.checkpoint.problems()
         out += self.logging.problems() + self.faults.problems()
+        out += self.objective.problems([s.name for s in self.data.sources])
+        if not 0.0 <= self.data.sequence.shuffle_prob <= 1.0:
+            out.append(
+                f"data.sequence.shuffle_prob={self.data.sequence.shuffle_prob}: must be in [0, 1]"
+            )
         if self.optim.warmup_steps > self.run.steps:
             out.append(
                 f"optim.warmup_steps={self.optim.warmup_steps} exceeds run.steps={self.run.steps}"

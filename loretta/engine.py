@@ -7,8 +7,9 @@ Set DS_ACCELERATOR before importing this module (loretta.runtime.select_device d
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,13 @@ import deepspeed
 import torch
 from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
+from loretta.comm import all_reduce_, barrier, broadcast_object
 from loretta.config import TrainConfig
 from loretta.dist import DistInfo
 from loretta.dsconfig import offloads_optimizer
 from loretta.model import Decoder, DecoderConfig
+
+__all__ = ["Engine", "all_reduce_", "barrier", "broadcast_object", "build_engine"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -37,26 +41,6 @@ def init_distributed(info: DistInfo, backend: str, timeout_s: float) -> None:
         rank=info.rank,
         world_size=info.world_size,
     )
-
-
-def barrier() -> None:
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
-    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        ops = {"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX}
-        torch.distributed.all_reduce(t, op=ops[op])
-    return t
-
-
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=src)
-    return box[0]
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -154,35 +138,67 @@ class Engine:
         return client or {}
 
     @contextlib.contextmanager
-    def gathered(self, enabled: bool = True) -> Iterator[None]:
-        """Hold every parameter gathered (and ZeRO-3's per-module hooks off) for the block.
+    def _hooks_off(self) -> Iterator[None]:
+        """Take ZeRO-3's per-module fetch/release hooks off the model for the block.
 
         Generation runs many small forwards; with hooks on, each one all-gathers every layer
-        again (DeepSpeed #4354). Gathering once is what makes in-loop generation fast."""
-        if not enabled or self.zero_stage() != 3:
-            yield
-            return
-        params = list(self.module.parameters())
+        again (DeepSpeed #4354). We gather explicitly instead, and put the hooks back after."""
         offload = self.ds.optimizer.parameter_offload
-        with GatheredParameters(params, modifier_rank=None):
-            for p in params:
-                p.ds_active_sub_modules.clear()  # type: ignore[attr-defined]
-            hooks = list(offload.forward_hooks) + list(offload.backward_hooks)
-            for h in hooks:
-                h.remove()
-            offload.forward_hooks.clear()
-            offload.backward_hooks.clear()
-            try:
-                yield
-            finally:
-                offload._register_deepspeed_module(offload.module)
+        for p in self.module.parameters():
+            p.ds_active_sub_modules.clear()  # type: ignore[attr-defined]
+        for h in [*offload.forward_hooks, *offload.backward_hooks]:
+            h.remove()
+        offload.forward_hooks.clear()
+        offload.backward_hooks.clear()
+        try:
+            yield
+        finally:
+            offload._register_deepspeed_module(offload.module)
 
     @contextlib.contextmanager
-    def gathered_group(self, modules: list[torch.nn.Module]) -> Iterator[None]:
-        """Gather only the parameters of `modules` (fallback when the model does not fit)."""
-        params = [p for m in modules for p in m.parameters()]
-        with GatheredParameters(params, modifier_rank=None):
-            yield
+    def generation(
+        self, mode: str = "once", layers_per_group: int = 4
+    ) -> Iterator[Callable[..., torch.Tensor]]:
+        """Yield forward(ids, positions, doc_ids, cache=...) for no-grad generation.
+
+        mode 'once': every weight is gathered once for the whole block (fast; needs the full
+        model to fit on a device). 'layers': each forward gathers the embeddings, then groups
+        of `layers_per_group` layers, then the head, one group at a time (bounded memory;
+        every rank must then run the same number of forwards, which the caller guarantees).
+        Both are collectives: every rank enters the block together."""
+        model = self.module
+        if self.zero_stage() != 3:
+            yield model
+            return
+        with self._hooks_off():
+            if mode == "once":
+                with GatheredParameters(list(model.parameters()), modifier_rank=None):
+                    yield model
+            else:
+                yield functools.partial(self._grouped_forward, layers_per_group)
+
+    def _grouped_forward(
+        self,
+        group: int,
+        ids: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        doc_ids: torch.Tensor | None = None,
+        cache: Any = None,
+    ) -> torch.Tensor:
+        m = self.module
+        with GatheredParameters([m.tok_embeddings.weight], modifier_rank=None):
+            h, ctx = m.begin(ids, positions, doc_ids, cache)
+        for lo in range(0, len(m.layers), group):
+            idx = range(lo, min(lo + group, len(m.layers)))
+            params = [p for i in idx for p in m.layers[i].parameters()]
+            with GatheredParameters(params, modifier_rank=None):
+                for i in idx:
+                    h = m.run_layer(i, h, ctx)
+        head = [m.norm.weight] + (
+            [m.tok_embeddings.weight] if m.output is None else [m.output.weight]
+        )
+        with GatheredParameters(head, modifier_rank=None):
+            return m.end(h, ctx)
 
     @contextlib.contextmanager
     def gathered_group_params(

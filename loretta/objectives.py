@@ -1,11 +1,14 @@
 """Training objectives: how documents are planned and completed before the forward pass.
 
-The plain objective trains on real modalities only (commutative or fixed order comes from
-data.sequence.order). The transitive objective (LoReTTa) is added in loretta/transitive.py.
+The plain objective trains on real modalities only: causal one-direction modelling with
+data.sequence.order=fixed, commutative modelling with order=random. LoReTTa adds transitive
+documents when objective.links is set (loretta/transitive.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from loretta.config import TrainConfig
@@ -15,6 +18,8 @@ from loretta.vocab import VocabLayout
 class Objective:
     """Plain causal / commutative modelling: nothing to generate."""
 
+    last_generation: dict[str, float] = {}  # noqa: RUF012 - read-only default
+
     def planner_factory(self) -> Any:
         return None  # the loader's default document planner
 
@@ -23,4 +28,21 @@ class Objective:
 
 
 def build_objective(cfg: TrainConfig, layout: VocabLayout) -> Objective:
-    return Objective()
+    from loretta.transitive import build
+
+    return build(cfg, layout)
+
+
+class LocalEngine:
+    """The engine interface the objectives need, for a plain module (evaluation, tests)."""
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+
+    @property
+    def device(self) -> Any:
+        return next(self.module.parameters()).device
+
+    @contextlib.contextmanager
+    def generation(self, mode: str = "once", layers_per_group: int = 4) -> Iterator[Any]:
+        yield self.module

@@ -163,7 +163,7 @@ class RowWriter:
 
     def write(self, rows: list[list[DocPlan]]) -> dict[str, Any]:
         out = self.empty(len(rows))
-        docs, slots = [], []
+        docs, gen_docs = [], []
         for r, row in enumerate(rows):
             view = {k: v[r] for k, v in out.items()}
             pos = 0
@@ -181,8 +181,10 @@ class RowWriter:
                                 f"{ds.where(plan.sample)}: modality {names[m]!r} is missing "
                                 "although the index lists it"
                             )
-                    for off, n, b in self.builder.write_doc(plan, arrays, view, pos, d):
-                        slots.append((r, off, n, b, plan, arrays[b.gen_from]))
+                    if self.builder.write_doc(plan, arrays, view, pos, d):
+                        # generated blocks: the objective fills them before the forward pass
+                        own = {m: a.copy() for m, a in arrays.items()}  # detach from the mmap
+                        gen_docs.append((r, pos, d, plan, own))
                 except DataError:
                     if self.on_error == "raise":
                         raise
@@ -197,7 +199,7 @@ class RowWriter:
         batch["docs"] = np.asarray(docs, dtype=np.int64).reshape(
             -1, 4
         )  # row, source, sample, epoch
-        batch["gen_slots"] = slots
+        batch["gen_docs"] = gen_docs  # (row, start, doc index, plan, {modality: local ids})
         return batch
 
 

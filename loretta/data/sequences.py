@@ -83,7 +83,10 @@ class SequenceBuilder:
     # ---- planning (token counts only) --------------------------------------------------------
     def order(self, present: tuple[int, ...], h: int) -> tuple[int, ...]:
         """Block order for a sample with modalities `present` (hash h picks the permutation)."""
-        if self.cfg.order == "fixed":
+        fixed = self.cfg.order == "fixed" or (
+            self.cfg.shuffle_prob < 1.0 and unit_float(mix64(h, 1)) >= self.cfg.shuffle_prob
+        )
+        if fixed:
             return tuple(sorted(present, key=lambda m: (self.fixed_rank.get(m, 1 << 20), m)))
         perms = self._perms.get(present)
         if perms is None:
@@ -138,13 +141,14 @@ class SequenceBuilder:
         row: dict[str, np.ndarray],
         start: int,
         doc_index: int,
+        generated: dict[int, np.ndarray] | None = None,
         loss_on_generated: bool = False,
     ) -> list[tuple[int, int, Block]]:
         """Fill row[...][start:start+plan.length] with the document.
 
-        `arrays` maps modality index -> local ids (generated blocks may be absent: their slots
-        hold pad until generation fills them). Returns (row offset, length, block) of each
-        generated block's content slice.
+        `arrays` maps modality index -> local ids of the real blocks; `generated` maps block
+        index -> local ids of generated blocks (a missing one is written as pad, to be filled
+        later). Returns (row offset, length, block) of each generated block left unfilled.
         """
         L, lay = plan.length, self.layout
         end = start + L
@@ -164,8 +168,11 @@ class SequenceBuilder:
             dirs[pos - start] = d
             pos += 1
             if b.gen_from >= 0:
-                toks[pos : pos + b.n] = lay.pad_id
-                slots.append((pos, b.n, b))
+                if generated is not None and k in generated:
+                    toks[pos : pos + b.n] = generated[k][: b.n].astype(np.int64) + m.offset
+                else:
+                    toks[pos : pos + b.n] = lay.pad_id
+                    slots.append((pos, b.n, b))
                 train[pos - start : pos - start + b.n] = loss_on_generated
             else:
                 toks[pos : pos + b.n] = arrays[b.modality][: b.n].astype(np.int64) + m.offset

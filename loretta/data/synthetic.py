@@ -24,7 +24,12 @@ def synthetic_layout(cfg: SyntheticConfig) -> VocabLayout:
 
 
 def class_pattern(c: int, modality_index: int, size: int, length: int, classes: int) -> np.ndarray:
-    start = (c * size) // classes
+    """Tokens of class c in one modality: a progression from a class-specific start.
+
+    Each modality maps classes to starts through its own fixed permutation, so the patterns of
+    two modalities are unrelated: a model can only link them through paired data."""
+    perm = np.random.default_rng([12345, modality_index]).permutation(classes)
+    start = (int(perm[c]) * size) // classes
     step = 1 + (c + modality_index) % 3
     return (start + step * np.arange(length)) % size
 
@@ -32,6 +37,7 @@ def class_pattern(c: int, modality_index: int, size: int, length: int, classes: 
 def synthetic_samples(cfg: SyntheticConfig, key_prefix: str = "") -> Iterator[Sample]:
     rng = np.random.default_rng(cfg.seed)
     names = list(cfg.modalities)
+    present = set(cfg.present or names)
     for i in range(cfg.samples):
         c = int(rng.integers(cfg.classes))
         sample: Sample = {"key": f"{key_prefix}{i:08d}", "meta": {"label": c}}
@@ -41,7 +47,8 @@ def synthetic_samples(cfg: SyntheticConfig, key_prefix: str = "") -> Iterator[Sa
             ids = class_pattern(c, j, sm.size, n, cfg.classes)
             noise = rng.random(n) < 0.1
             ids[noise] = rng.integers(0, sm.size, int(noise.sum()))
-            sample[name] = ids.astype(np.int64)
+            if name in present:
+                sample[name] = ids.astype(np.int64)
         yield sample
 
 

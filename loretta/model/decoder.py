@@ -152,6 +152,17 @@ class Block(nn.Module):
         return h + self.dropout(self.feed_forward(self.ffn_norm(h)))
 
 
+@dataclass
+class _Ctx:
+    """What every layer of one forward shares."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    meta: AttnMeta
+    cache: KVCache | None
+    n_new: int
+
+
 class Decoder(nn.Module):
     def __init__(self, cfg: DecoderConfig) -> None:
         super().__init__()
@@ -213,6 +224,19 @@ class Decoder(nn.Module):
         their document, and `position_ids` should restart at 0 per document. With a `cache`,
         queries sit after cache.length cached slots and `doc_ids` covers the new tokens only.
         """
+        h, ctx = self.begin(input_ids, position_ids, doc_ids, cache)
+        for i in range(len(self.layers)):
+            h = self.run_layer(i, h, ctx)
+        return self.end(h, ctx, return_hidden)
+
+    # forward in three pieces, so that a caller can wrap each piece (e.g. gather its weights)
+    def begin(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor | None,
+        doc_ids: torch.Tensor | None,
+        cache: KVCache | None,
+    ) -> tuple[torch.Tensor, _Ctx]:
         B, T = input_ids.shape
         if position_ids is None:
             start = cache.length if cache is not None else 0
@@ -232,17 +256,21 @@ class Decoder(nn.Module):
                 q_offset=s,
                 window=self.cfg.sliding_window,
             )
-        for i, layer in enumerate(self.layers):
-            if self.activation_checkpointing and self.training and cache is None:
-                h = checkpoint(layer, h, cos, sin, meta, self.backend, use_reentrant=False)
-            else:
-                h = layer(h, cos, sin, meta, self.backend, cache, i)
-        if cache is not None:
-            cache.length += T
+        return h, _Ctx(cos, sin, meta, cache, T)
+
+    def run_layer(self, i: int, h: torch.Tensor, ctx: _Ctx) -> torch.Tensor:
+        layer = self.layers[i]
+        if self.activation_checkpointing and self.training and ctx.cache is None:
+            return checkpoint(
+                layer, h, ctx.cos, ctx.sin, ctx.meta, self.backend, use_reentrant=False
+            )
+        return layer(h, ctx.cos, ctx.sin, ctx.meta, self.backend, ctx.cache, i)
+
+    def end(self, h: torch.Tensor, ctx: _Ctx, return_hidden: bool = False) -> torch.Tensor:
+        if ctx.cache is not None:
+            ctx.cache.length += ctx.n_new
         h = self.norm(h)
-        if return_hidden:
-            return h
-        return self.logits(h)
+        return h if return_hidden else self.logits(h)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.output is None:

@@ -6,6 +6,7 @@ tokens never attend to them, and positions start at 0 at each prompt's first rea
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ class SamplingConfig:
     temperature: float = 1.0  # 0: greedy
     top_k: int | None = None
     pad_id: int = 0
+    min_new_tokens: int = 1  # stop ids are masked until this many tokens exist
 
 
 def left_pad(prompts: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,13 +35,13 @@ def left_pad(prompts: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, to
     return ids, lens
 
 
-def _restrict(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+def _restrict(logits: torch.Tensor, cfg: SamplingConfig, t: int = 0) -> torch.Tensor:
     """Mask logits (N, V) to the allowed range plus stop ids; apply temperature/top-k."""
     if cfg.allowed is not None or cfg.stop_ids:
         keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
         lo, hi = cfg.allowed if cfg.allowed is not None else (0, logits.shape[-1])
         keep[lo:hi] = True
-        if cfg.stop_ids:
+        if cfg.stop_ids and t >= cfg.min_new_tokens:
             keep[list(cfg.stop_ids)] = True
         logits = logits.masked_fill(~keep, float("-inf"))
     if cfg.temperature > 0:
@@ -50,8 +52,10 @@ def _restrict(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     return logits
 
 
-def _sample(logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None) -> torch.Tensor:
-    logits = _restrict(logits.float(), cfg)
+def _sample(
+    logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None, t: int = 0
+) -> torch.Tensor:
+    logits = _restrict(logits.float(), cfg, t)
     if cfg.temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits, dim=-1)
@@ -67,13 +71,16 @@ def generate(
     generator: torch.Generator | None = None,
     use_cache: bool = True,
     fixed_steps: bool = False,
+    forward: Callable[..., torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample continuations of `prompts`.
 
     Returns tokens (N, max_new_tokens) padded with pad_id after a stop, and lengths (N,) of the
     generated parts (stop id excluded). With fixed_steps every call runs exactly max_new_tokens
     decode steps, so that processes which must stay in lockstep never disagree on the count.
+    `forward(ids, positions, doc_ids, cache=...)` replaces model(...) (e.g. to gather weights).
     """
+    fwd = forward or model
     was_training = model.training
     model.eval()  # dropout off
     device = model.tok_embeddings.weight.device
@@ -93,12 +100,12 @@ def generate(
     if use_cache:
         dtype = model.tok_embeddings.weight.dtype
         cache = KVCache.empty(model.cfg, N, P + cfg.max_new_tokens, device, dtype)
-        logits = model(ids, positions, doc, cache=cache)[:, -1]
+        logits = fwd(ids, positions, doc, cache=cache)[:, -1]
     else:
-        logits = model(ids, positions, doc)[:, -1]
+        logits = fwd(ids, positions, doc)[:, -1]
     seq, seq_pos, seq_doc = ids, positions, doc
     for t in range(cfg.max_new_tokens):
-        nxt = _sample(logits, cfg, generator)
+        nxt = _sample(logits, cfg, generator, t)
         is_stop = torch.isin(nxt, stop) & ~done
         newly = ~done & ~is_stop
         out[:, t] = torch.where(newly, nxt, torch.full_like(nxt, cfg.pad_id))
@@ -109,11 +116,11 @@ def generate(
         pos = (lens + t)[:, None]
         tok = nxt[:, None]
         if cache is not None:
-            logits = model(tok, pos, torch.zeros_like(tok), cache=cache)[:, -1]
+            logits = fwd(tok, pos, torch.zeros_like(tok), cache=cache)[:, -1]
         else:  # the naive path: recompute the whole sequence every step
             seq = torch.cat([seq, tok], 1)
             seq_pos = torch.cat([seq_pos, pos], 1)
             seq_doc = torch.cat([seq_doc, torch.zeros_like(tok)], 1)
-            logits = model(seq, seq_pos, seq_doc)[:, -1]
+            logits = fwd(seq, seq_pos, seq_doc)[:, -1]
     model.train(was_training)
     return out, gen_len

@@ -90,6 +90,7 @@ class Prepared:
     resume_dir: Path | None
     resume_state: dict[str, Any] | None
     universal: bool
+    objective: Any
 
 
 def prepare(cfg: TrainConfig, info: DistInfo) -> Prepared:
@@ -102,7 +103,10 @@ def prepare(cfg: TrainConfig, info: DistInfo) -> Prepared:
     state = ckpt.check_compatible(resume_dir, cfg, layout) if resume_dir else None
     universal = bool(state and state.get("world_size") != info.world_size)
     ds_config = resolve_ds_config(cfg, info.world_size, load_universal=universal)
-    return Prepared(cfg, info, device, layout, ds_config, resume_dir, state, universal)
+    from loretta.objectives import build_objective
+
+    objective = build_objective(cfg, layout)  # link graph checked against the layout
+    return Prepared(cfg, info, device, layout, ds_config, resume_dir, state, universal, objective)
 
 
 def cross_entropy_per_token(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -118,7 +122,6 @@ def cross_entropy_per_token(logits: torch.Tensor, targets: torch.Tensor) -> torc
 def run(cfg: TrainConfig, info: DistInfo, dry_run: bool = False, objective: Any = None) -> int:
     p = prepare(cfg, info)
     from loretta import engine as E  # deepspeed is imported only now, after every check
-    from loretta.objectives import build_objective
 
     backend = cfg.engine.dist_backend
     if backend == "auto":
@@ -146,7 +149,7 @@ def run(cfg: TrainConfig, info: DistInfo, dry_run: bool = False, objective: Any 
         wandb_id = p.resume_state.get("wandb_id")
     elif cfg.checkpoint.init_from:
         _warm_start(eng, cfg, p.layout, E)
-    objective = objective or build_objective(cfg, p.layout)
+    objective = objective or p.objective
     loader, _ = build_loader(cfg, rank, world, loader_state, objective.planner_factory())
     data = iter(loader)
 
@@ -189,7 +192,15 @@ def run(cfg: TrainConfig, info: DistInfo, dry_run: bool = False, objective: Any 
     nan = NanPolicy(cfg.faults.nan_policy, cfg.faults.max_nan_skips)
     accum, B, T = cfg.optim.grad_accum_steps, cfg.data.micro_batch_size, cfg.data.seq_len
     audit = _Audit(cfg.run.path / "audit" / f"rank{rank:05d}.jsonl") if cfg.data.audit else None
-    window = {"t0": time.perf_counter(), "wait": 0.0, "tokens": 0, "real": 0, "steps": 0}
+    window = {
+        "t0": time.perf_counter(),
+        "wait": 0.0,
+        "tokens": 0,
+        "real": 0,
+        "steps": 0,
+        "gen_s": 0.0,
+        "gen_tokens": 0.0,
+    }
     mix_tokens: list[int] = []
     read_errors: dict[int, int] = {}
     code = EXIT_OK
@@ -229,6 +240,8 @@ def run(cfg: TrainConfig, info: DistInfo, dry_run: bool = False, objective: Any 
                 batch = next(data)
                 window["wait"] += time.perf_counter() - t0
                 batch = objective.prepare(batch, eng, step)
+                window["gen_s"] += objective.last_generation.get("gen_s", 0.0)
+                window["gen_tokens"] += objective.last_generation.get("gen_tokens", 0.0)
                 tok = batch["tokens"].to(eng.device)
                 logits = eng(
                     tok, batch["positions"].to(eng.device), batch["doc_ids"].to(eng.device)
@@ -350,6 +363,8 @@ def _log(
             "tokens_per_s_per_device": tok_s_dev,
             "mfu": tok_s_dev * flops_tok / peak if peak > 0 else 0.0,
             "data_wait_frac": window["wait"] / max(elapsed, 1e-9),
+            "generation_share": window["gen_s"] / max(elapsed, 1e-9),
+            "gen_tokens_per_s": window["gen_tokens"] / max(window["gen_s"], 1e-9),
             "packing_efficiency": window["real"] / max(window["tokens"], 1),
             "tokens_seen": tokens_seen,
             "step_time_s": elapsed / max(window["steps"], 1),
@@ -361,7 +376,9 @@ def _log(
     if eng.device.type == "cuda":
         m["mem_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
     logger.log(step, m)
-    window.update(t0=time.perf_counter(), wait=0.0, tokens=0, real=0, steps=0)
+    window.update(
+        t0=time.perf_counter(), wait=0.0, tokens=0, real=0, steps=0, gen_s=0.0, gen_tokens=0.0
+    )
 
 
 def _warm_start(eng: Any, cfg: TrainConfig, layout: Any, E: Any) -> None:

@@ -1,0 +1,335 @@
+"""LoReTTa's transitive objective: link modalities that never appear together.
+
+With pair sets (A, B) and (B, C) but no (A, C): for an (A, B) sample, generate C' from
+`[bos] <b> B <c>` and train on `[bos] <c> C' <a> A [eos]`, so the real A must be predicted
+from the model's own C'; likewise A' from B for (B, C) samples. A link is configured per
+source (objective.links); chains (A -> B' -> C') go through `via`.
+
+Split of the work:
+  * planning (in the data loader, a pure function like the rest of the stream): a seeded
+    per-sample draw decides whether a sample becomes a transitive document (or an
+    "all modalities" document); the generated block reserves its length in the row;
+  * completion (in the training process, `prepare`): every generated block of the micro-batch
+    is sampled in batched, KV-cached generate calls restricted to the target modality's ids,
+    under one ZeRO-3 gather (or layer-group gathers), with no gradient; then the documents
+    are rewritten with the generated tokens. Generated tokens carry no loss by default.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from loretta.comm import all_reduce_
+from loretta.config import TrainConfig
+from loretta.data.sequences import IGNORE, Block, DocPlan, SequenceBuilder, mix64, unit_float
+from loretta.errors import ConfigError
+from loretta.model.generate import SamplingConfig, generate
+from loretta.objectives import Objective
+from loretta.vocab import VocabLayout
+
+
+@dataclass(frozen=True)
+class Link:
+    path: tuple[int, ...]  # modality indices: real prompt, intermediate generated..., generated
+    target: int  # the real modality trained after the generated block
+
+    @property
+    def prompt(self) -> int:
+        return self.path[0]
+
+    @property
+    def generate(self) -> int:
+        return self.path[-1]
+
+
+def resolve_links(cfg: TrainConfig, layout: VocabLayout) -> dict[int, list[Link]]:
+    """Config links -> per-source-index links; unknown modalities are config errors."""
+    problems: list[str] = []
+    out: dict[int, list[Link]] = {}
+    names = [s.name for s in cfg.data.sources]
+    for i, lc in enumerate(cfg.objective.links):
+        w = f"objective.links.{i}"
+        bad = [
+            (f, v)
+            for f, v in (("prompt", lc.prompt), ("generate", lc.generate), ("target", lc.target))
+            if v not in layout
+        ]
+        bad += [(f"via.{j}", v) for j, v in enumerate(lc.via) if v not in layout]
+        for f, v in bad:
+            problems.append(
+                f"{w}.{f}={v!r}: not a modality of the vocabulary layout {layout.names}"
+            )
+        src = cfg.data.sources[names.index(lc.source)] if lc.source in names else None
+        if src is not None and src.modalities:
+            for f, v in (("prompt", lc.prompt), ("target", lc.target)):
+                if v not in src.modalities:
+                    problems.append(
+                        f"{w}.{f}={v!r}: source {lc.source!r} does not have it "
+                        f"(its modalities: {src.modalities}); a link needs real {f} data"
+                    )
+        gen = lc.generate
+        if (
+            gen in layout
+            and layout[gen].fixed_length is None
+            and gen not in cfg.objective.generation.max_tokens
+        ):
+            problems.append(
+                f"{w}.generate={gen!r} has no fixed length: set "
+                f"objective.generation.max_tokens.{gen} to the most tokens to generate"
+            )
+        if bad or lc.source not in names:
+            continue
+        path = tuple(layout.index(m) for m in [lc.prompt, *lc.via, lc.generate])
+        out.setdefault(names.index(lc.source), []).append(Link(path, layout.index(lc.target)))
+    if problems:
+        raise ConfigError(problems, "objective")
+    return out
+
+
+class _Planner:
+    """Document planner run inside data-loader workers (picklable; no torch state)."""
+
+    def __init__(
+        self,
+        builder: SequenceBuilder,
+        links: dict[int, list[Link]],
+        cfg: TrainConfig,
+        reserve: dict[int, int],
+    ) -> None:
+        self.builder, self.links, self.reserve = builder, links, reserve
+        self.p_trans = cfg.objective.transitive_prob
+        self.p_all = cfg.objective.all_modalities_prob
+
+    def __call__(
+        self, source: int, sample: int, epoch: int, lengths: np.ndarray, h: int
+    ) -> DocPlan | None:
+        links = [
+            lk
+            for lk in self.links.get(source, ())
+            if lengths[lk.prompt] > 0 and lengths[lk.target] > 0
+        ]
+        u = unit_float(mix64(h, 7))
+        if links and u < self.p_trans + self.p_all:
+            link = links[mix64(h, 8) % len(links)]
+            gen = Block(link.generate, self.reserve[link.generate], link.prompt)
+            if u < self.p_trans:  # [<c> C' <a> A]: the real target after the generated block
+                wanted = [gen, Block(link.target, int(lengths[link.target]))]
+            else:  # every real modality and the generated one, in a seeded order
+                real = [Block(m, int(n)) for m, n in enumerate(lengths) if n > 0]
+                blocks = {b.modality: b for b in [*real, gen]}
+                wanted = [blocks[m] for m in self.builder.order(tuple(sorted(blocks)), h)]
+            blocks_fit = self.builder.fit(wanted)
+            if any(b.gen_from >= 0 for b in blocks_fit) and any(b.gen_from < 0 for b in blocks_fit):
+                return DocPlan(
+                    source, sample, epoch, blocks_fit, self.builder.doc_length(blocks_fit)
+                )
+        return self.builder.plan(source, sample, epoch, lengths, h)
+
+
+class TransitiveObjective(Objective):
+    def __init__(self, cfg: TrainConfig, layout: VocabLayout) -> None:
+        self.cfg, self.layout = cfg, layout
+        self.links = resolve_links(cfg, layout)
+        g = cfg.objective.generation
+        self.reserve = {
+            i: (m.fixed_length if m.fixed_length is not None else g.max_tokens.get(m.name, 0))
+            for i, m in enumerate(layout.modalities)
+        }
+        self.builder = SequenceBuilder(layout, cfg.data.sequence, cfg.data.seq_len, cfg.run.seed)
+        self.stop_ids = (layout.eos_id, *layout.modality_token_ids)
+        self.max_waves = max(
+            (len(lk.path) - 1 for lks in self.links.values() for lk in lks), default=1
+        )
+        self.last_generation: dict[str, float] = {}
+
+    def planner_factory(self) -> Callable[[list[Any], SequenceBuilder], Any]:
+        links, cfg, reserve = self.links, self.cfg, self.reserve
+
+        def factory(datasets: list[Any], builder: SequenceBuilder) -> _Planner:
+            return _Planner(builder, links, cfg, reserve)
+
+        return factory
+
+    # ---- completion in the training process -------------------------------------------------
+    def prompt(self, modality: int, ids: np.ndarray, target: int) -> torch.Tensor:
+        """[bos] <m> ids <target>: global ids of a generation prompt (ids are local)."""
+        lay, seq = self.layout, self.cfg.data.sequence
+        m = lay.modalities[modality]
+        cap = seq.max_tokens.get(m.name, len(ids))
+        head = [lay.bos_id] if seq.add_bos else []
+        body = ids[:cap].astype(np.int64) + m.offset
+        return torch.from_numpy(
+            np.concatenate([head, [m.token_id], body, [lay.modalities[target].token_id]]).astype(
+                np.int64
+            )
+        )
+
+    def sampling(self, modality: int, n: int) -> SamplingConfig:
+        m, g = self.layout.modalities[modality], self.cfg.objective.generation
+        return SamplingConfig(
+            max_new_tokens=n,
+            allowed=(m.offset, m.stop),
+            stop_ids=() if m.fixed_length is not None else self.stop_ids,
+            temperature=g.temperature,
+            top_k=g.top_k or None,
+            pad_id=self.layout.pad_id,
+        )
+
+    def prepare(self, batch: dict[str, Any], engine: Any, step: int) -> dict[str, Any]:
+        """Generate every generated block of this micro-batch, then rewrite its documents.
+
+        A chain (A -> B' -> C') runs in waves: wave w generates path[w+1] from path[w]."""
+        if not self.links:
+            return batch
+        t0 = time.perf_counter()
+        docs = batch.get("gen_docs") or []
+        outputs: list[dict[int, np.ndarray]] = [{} for _ in docs]  # block index -> local ids
+        inputs: list[dict[int, np.ndarray]] = [dict(arrays) for (*_, arrays) in docs]
+        made = 0
+        calls = self._agree_calls(engine, docs)
+        if calls:
+            g = self.cfg.objective.generation
+            with engine.generation(g.gather, g.layers_per_group) as fwd:
+                for wave, modality, n_max, n_chunks in calls:
+                    jobs = []  # (doc, block index, prompt, tokens wanted)
+                    for d, (*_, plan, _) in enumerate(docs):
+                        for k, b in enumerate(plan.blocks):
+                            path = self._path(plan, b)
+                            if (
+                                b.gen_from < 0
+                                or len(path) - 1 <= wave
+                                or path[wave + 1] != modality
+                            ):
+                                continue
+                            last = wave == len(path) - 2
+                            prompt = self.prompt(path[wave], inputs[d][path[wave]], modality)
+                            jobs.append(
+                                (
+                                    d,
+                                    k if last else -1,
+                                    prompt,
+                                    b.n if last else self.reserve[modality],
+                                )
+                            )
+                    made += self._generate(
+                        engine, fwd, jobs, modality, n_max, n_chunks, batch, wave, outputs, inputs
+                    )
+        self._rewrite(batch, docs, outputs)
+        self.last_generation = {"gen_s": time.perf_counter() - t0, "gen_tokens": float(made)}
+        return batch
+
+    def _path(self, plan: DocPlan, b: Block) -> tuple[int, ...]:
+        for lk in self.links.get(plan.source, ()):
+            if lk.generate == b.modality and lk.prompt == b.gen_from:
+                return lk.path
+        return (b.gen_from, b.modality)
+
+    def _agree_calls(self, engine: Any, docs: list[Any]) -> list[tuple[int, int, int, int]]:
+        """Every rank must make the same generate calls (the gathers are collectives): agree on
+        (wave, modality) -> most tokens and number of prompt chunks, with one all-reduce(max)."""
+        M, W = len(self.layout.modalities), self.max_waves
+        need = torch.zeros(W, M, dtype=torch.long)
+        counts = torch.zeros(W, M, dtype=torch.long)
+        for *_, plan, _ in docs:
+            for b in plan.blocks:
+                if b.gen_from < 0:
+                    continue
+                path = self._path(plan, b)
+                for wave in range(len(path) - 1):
+                    m = path[wave + 1]
+                    n = b.n if wave == len(path) - 2 else self.reserve[m]
+                    need[wave, m] = max(int(need[wave, m]), n)
+                    counts[wave, m] += 1
+        bs = self.cfg.objective.generation.batch_size
+        table = torch.stack([need, (counts + bs - 1) // bs])
+        table = all_reduce_(table.to(engine.device), "max").cpu()
+        return [
+            (w, m, int(table[0, w, m]), int(table[1, w, m]))
+            for w in range(W)
+            for m in range(M)
+            if table[1, w, m] > 0
+        ]
+
+    def _generate(
+        self,
+        engine: Any,
+        fwd: Any,
+        jobs: list[Any],
+        modality: int,
+        n_max: int,
+        n_chunks: int,
+        batch: dict[str, Any],
+        wave: int,
+        outputs: list[dict[int, np.ndarray]],
+        inputs: list[dict[int, np.ndarray]],
+    ) -> int:
+        bs = self.cfg.objective.generation.batch_size
+        lay = self.layout
+        off = lay.modalities[modality].offset
+        made = 0
+        for c in range(n_chunks):
+            chunk = jobs[c * bs : (c + 1) * bs]
+            # a rank with nothing to generate still runs the call: the others wait on it
+            prompts = [p for (_, _, p, _) in chunk] or [torch.tensor([lay.bos_id])]
+            seed = mix64(self.cfg.run.seed, int(batch.get("first_row", 0)), wave, modality, c)
+            gen = torch.Generator().manual_seed(seed % (2**63))
+            out, lens = generate(
+                engine.module,
+                prompts,
+                self.sampling(modality, n_max),
+                gen,
+                use_cache=True,
+                fixed_steps=True,
+                forward=fwd,
+            )
+            for (d, k, _, n), row, ln in zip(chunk, out.cpu(), lens.cpu()):
+                ids = (row[: min(int(ln), n)].numpy() - off).astype(np.int64)
+                made += len(ids)
+                if k >= 0:
+                    outputs[d][k] = ids
+                inputs[d][modality] = ids  # the next wave of a chain prompts with it
+        return made
+
+    def _rewrite(
+        self, batch: dict[str, Any], docs: list[Any], outputs: list[dict[int, np.ndarray]]
+    ) -> None:
+        fields = (
+            "tokens",
+            "positions",
+            "doc_ids",
+            "targets",
+            "target_modality",
+            "target_direction",
+        )
+        for (r, start, d, plan, arrays), gen in zip(docs, outputs):
+            row = {f: batch[f][r].numpy() for f in fields}
+            blocks = tuple(
+                Block(b.modality, len(gen[k]), b.gen_from) if k in gen else b
+                for k, b in enumerate(plan.blocks)
+            )
+            new = DocPlan(
+                plan.source, plan.sample, plan.epoch, blocks, self.builder.doc_length(blocks)
+            )
+            self.builder.write_doc(
+                new, arrays, row, start, d, gen, self.cfg.objective.loss_on_generated
+            )
+            end, old_end = start + new.length, start + plan.length
+            if end < old_end:  # a variable-length block came out shorter: pad the rest
+                row["tokens"][end:old_end] = self.layout.pad_id
+                row["positions"][end:old_end] = np.arange(old_end - end)
+                row["doc_ids"][end:old_end] = 1_000_000 + d  # its own document, no loss
+                row["targets"][end:old_end] = IGNORE
+                row["target_modality"][end:old_end] = -1
+                row["target_direction"][end:old_end] = -1
+
+
+def build(cfg: TrainConfig, layout: VocabLayout) -> Objective:
+    if cfg.objective.links:
+        return TransitiveObjective(cfg, layout)
+    return Objective()
