@@ -47,7 +47,7 @@ def setup(root: Path, *over: str) -> tuple[Any, Any, Any, Decoder]:
 
 
 def test_transitive_documents_are_generated_in_range_and_masked(abc_data: Path) -> None:
-    cfg, p, it, model = setup(abc_data)
+    _cfg, p, it, model = setup(abc_data)
     lay = p.layout
     batch = next(it)
     docs = batch["gen_docs"]
@@ -73,7 +73,7 @@ def test_transitive_documents_are_generated_in_range_and_masked(abc_data: Path) 
 
 
 def test_no_gradient_flows_through_generated_tokens(abc_data: Path) -> None:
-    cfg, p, it, model = setup(abc_data)
+    _cfg, p, it, model = setup(abc_data)
     batch = p.objective.prepare(next(it), LocalEngine(model), 0)
     assert batch["tokens"].dtype == torch.long and batch["tokens"].grad_fn is None
 
@@ -87,7 +87,7 @@ def test_no_gradient_flows_through_generated_tokens(abc_data: Path) -> None:
     a, b = grads(), grads()
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     # and generated positions carry no loss unless asked for
-    cfg2, p2, it2, _ = setup(abc_data, "--objective.loss_on_generated=true")
+    _cfg2, p2, it2, _ = setup(abc_data, "--objective.loss_on_generated=true")
     b2 = p2.objective.prepare(next(it2), LocalEngine(model), 0)
     r, start, _, plan, _ = b2["gen_docs"][0]
     assert (b2["targets"][r][start + 1 : start + 1 + plan.blocks[0].n] != IGNORE).all()
