@@ -173,7 +173,9 @@ class Engine:
         with self._hooks_off():
             if mode == "once":
                 with GatheredParameters(list(model.parameters()), modifier_rank=None):
-                    yield model
+                    # .forward, not __call__: the root module keeps a start-of-forward hook
+                    # that runs a collective (a trace check) on every call
+                    yield model.forward
             else:
                 yield functools.partial(self._grouped_forward, layers_per_group)
 
