@@ -58,6 +58,7 @@ class SyntheticConfig:
     seed: int = 0
     modalities: dict[str, SynthModality] = field(default_factory=dict)
     present: list[str] = field(default_factory=list)  # modalities each sample has ([] = all)
+    noise: float = 0.1  # share of tokens replaced by uniform noise
     samples_per_shard: int = 500
 
 

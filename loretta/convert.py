@@ -63,6 +63,8 @@ import yaml
 
 from loretta.configlib import from_dict, to_dict
 from loretta.errors import CheckpointError, DataError, LorettaError
+from loretta.model import Decoder
+from loretta.model import hf as hf_map
 from loretta.model.config import DecoderConfig
 from loretta.vocab import VocabLayout
 
@@ -86,7 +88,6 @@ ST_NAMES = {v: k for k, v in ST_DTYPES.items()}
 OUT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-HF_CONFIG_FILES = ("loretta_config.yaml", "loretta_layout.json")
 # DecoderConfig values that fix the tensors' shapes and meaning (derived ones included)
 ARCH_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "kv_heads", "hidden_dim")
 ARCH_FIELDS_ALL = (*ARCH_FIELDS, "tie_embeddings", "norm_eps", "rope_theta", "sliding_window")
@@ -114,7 +115,10 @@ def _bytes_view(t: torch.Tensor) -> memoryview:
 def _pread_into(fd: int, buf: memoryview, offset: int, where: Path | str) -> None:
     got = 0
     while got < len(buf):
-        n = os.preadv(fd, [buf[got:]], offset + got)
+        try:
+            n = os.preadv(fd, [buf[got:]], offset + got)
+        except OSError as e:
+            raise CheckpointError(f"{where}: read failed at byte {offset + got} ({e})") from e
         if n <= 0:
             raise CheckpointError(
                 f"{where}: unexpected end of file at byte {offset + got} (needed "
@@ -131,7 +135,10 @@ def parse_size(text: str) -> int:
     unit = m.group(2).rstrip("b")
     base = 1024 if unit.endswith("i") else 1000
     power = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit.rstrip("i")]
-    return int(float(m.group(1)) * base**power)
+    size = int(float(m.group(1)) * base**power)
+    if size < 1:
+        raise ValueError(f"--shard-size={text!r}: must be at least 1 byte")
+    return size
 
 
 # ---- parameter names, shapes and the Hugging Face mapping ------------------------------------
@@ -153,94 +160,41 @@ def param_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
-_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
-_HF_TOP = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_HF_LAYER = {
-    "attention_norm.weight": ("input_layernorm.weight",),
-    "attention.wqkv.weight": (
-        "self_attn.q_proj.weight",
-        "self_attn.k_proj.weight",
-        "self_attn.v_proj.weight",
-    ),
-    "attention.wo.weight": ("self_attn.o_proj.weight",),
-    "ffn_norm.weight": ("post_attention_layernorm.weight",),
-    "feed_forward.w13.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
-    "feed_forward.w2.weight": ("mlp.down_proj.weight",),
-}
-
-
-def hf_pieces(name: str, cfg: DecoderConfig) -> list[tuple[str, int]]:
-    """The Hugging Face tensors that make up our tensor `name`, in row order, with their row
-    counts. wqkv rows are [q (H*hd) | k (Hkv*hd) | v (Hkv*hd)], w13 rows [gate | up]; our rotary
-    embedding uses HF's rotate_half layout, so no q/k permutation is needed."""
-    if name in _HF_TOP:
-        return [(_HF_TOP[name], param_shapes(cfg)[name][0])]
-    m = _LAYER_RE.match(name)
-    if not m or m.group(2) not in _HF_LAYER:
-        raise KeyError(f"{name!r} is not a Decoder parameter")
-    hf = [f"model.layers.{m.group(1)}.{part}" for part in _HF_LAYER[m.group(2)]]
-    if m.group(2) == "attention.wqkv.weight":
-        q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
-        return list(zip(hf, (q, kv, kv)))
-    if m.group(2) == "feed_forward.w13.weight":
-        return list(zip(hf, (cfg.hidden_dim, cfg.hidden_dim)))
-    rows = cfg.dim if m.group(2).endswith("norm.weight") else param_shapes(cfg)[name][0]
-    return [(hf[0], rows)]
+def split_to_hf(name: str, t: torch.Tensor, cfg: DecoderConfig) -> list[tuple[str, torch.Tensor]]:
+    """Our tensor -> its Hugging Face pieces (loretta.model.hf): wqkv rows [q | k | v] and w13
+    rows [gate | up] become row blocks (contiguous views); other tensors are renamed."""
+    return list(hf_map.to_hf(name, t, cfg))
 
 
 def hf_shapes(cfg: DecoderConfig) -> dict[str, tuple[int, ...]]:
+    """HF tensor names and shapes, in our parameter order (planned on the meta device)."""
     out: dict[str, tuple[int, ...]] = {}
     for name, shape in param_shapes(cfg).items():
-        for hf_name, rows in hf_pieces(name, cfg):
-            out[hf_name] = (rows, *shape[1:])
+        for hf_name, piece in split_to_hf(name, torch.empty(shape, device="meta"), cfg):
+            out[hf_name] = tuple(piece.shape)
     return out
 
 
 def hf_config(
     cfg: DecoderConfig, layout: VocabLayout, dtype: torch.dtype, max_positions: int
 ) -> dict[str, Any]:
-    """config.json for transformers: LlamaForCausalLM, or MistralForCausalLM with a window."""
-    mistral = cfg.sliding_window is not None
-    out: dict[str, Any] = {
-        "architectures": ["MistralForCausalLM" if mistral else "LlamaForCausalLM"],
-        "model_type": "mistral" if mistral else "llama",
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.dim,
-        "intermediate_size": cfg.hidden_dim,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.kv_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": max_positions,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "initializer_range": cfg.init_std,
-        "bos_token_id": layout.bos_id,
-        "eos_token_id": layout.eos_id,
-        "pad_token_id": layout.pad_id,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-        "use_cache": True,
-    }
-    if mistral:
-        out["sliding_window"] = cfg.sliding_window
-    else:
-        out["mlp_bias"] = False
-        out["pretraining_tp"] = 1
+    """config.json (loretta.model.hf.hf_config) with the special ids of this layout and the
+    trained context length."""
+    out = hf_map.hf_config(cfg, str(dtype).removeprefix("torch."))
+    out.update(
+        bos_token_id=layout.bos_id,
+        eos_token_id=layout.eos_id,
+        pad_token_id=layout.pad_id,
+        max_position_embeddings=max_positions,
+        rope_scaling=None,
+        use_cache=True,
+    )
     return out
 
 
 def config_from_hf(hf: dict[str, Any], where: str) -> DecoderConfig:
-    """A DecoderConfig from a Llama/Mistral config.json; anything our decoder cannot express is
-    an error listing every such setting."""
+    """A DecoderConfig from a Llama/Mistral config.json; every setting our decoder cannot
+    express is listed in one error."""
     problems = []
     if hf.get("model_type") not in ("llama", "mistral"):
         problems.append(f"model_type={hf.get('model_type')!r}: only 'llama' and 'mistral' convert")
@@ -252,32 +206,16 @@ def config_from_hf(hf: dict[str, Any], where: str) -> DecoderConfig:
     ):
         if hf.get(key, want) != want:
             problems.append(f"{key}={hf.get(key)!r}: our decoder supports only {want!r}")
+    cfg = DecoderConfig()
     try:
-        dim, heads = int(hf["hidden_size"]), int(hf["num_attention_heads"])
-        kv = int(hf.get("num_key_value_heads") or heads)
-        head_dim = hf.get("head_dim")
-        if head_dim is not None and int(head_dim) * heads != dim:
-            problems.append(
-                f"head_dim={head_dim}: our decoder needs head_dim * num_attention_heads == "
-                f"hidden_size ({dim})"
-            )
-        window = hf.get("sliding_window") if hf.get("model_type") == "mistral" else None
-        cfg = DecoderConfig(
-            vocab_size=int(hf["vocab_size"]),
-            dim=dim,
-            n_layers=int(hf["num_hidden_layers"]),
-            n_heads=heads,
-            n_kv_heads=0 if kv == heads else kv,
-            ffn_dim=int(hf["intermediate_size"]),
-            norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(hf.get("rope_theta", 10000.0)),
-            sliding_window=None if window is None else int(window),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            init_std=float(hf.get("initializer_range", 0.02)),
-        )
+        hf = dict(hf)
+        if hf.get("model_type") != "mistral":
+            hf["sliding_window"] = None  # Llama configs may carry an unused sliding_window
+        cfg = hf_map.decoder_config_from_hf(hf)
     except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{where}: not a usable Llama/Mistral config ({e!r})") from e
-    problems += cfg.problems()
+        problems.append(f"not a usable Llama/Mistral config ({type(e).__name__}: {e})")
+    else:
+        problems += cfg.problems()
     if problems:
         raise CheckpointError(f"{where}: cannot convert: " + "; ".join(problems))
     return cfg
@@ -676,15 +614,16 @@ class ZeroSource(Source):
         self.world = world
         self.info = {"step": state.get("step"), "world_size": world}
         ranks: dict[int, Path] = {}
+        prefix = ""  # "bf16_" when the run trained in bf16
         for p in optim:
-            m = re.search(r"zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$", p.name)
+            m = re.fullmatch(r"(.*)zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt", p.name)
             if m:
-                ranks[int(m.group(1))] = p
+                prefix, ranks[int(m.group(2))] = m.group(1), p
         for r in range(world):
             model_file = ds / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt"
             if r not in ranks:
                 raise CheckpointError(
-                    f"{ds}/zero_pp_rank_{r}_mp_rank_00_optim_states.pt: missing (rank {r} of "
+                    f"{ds}/{prefix}zero_pp_rank_{r}_mp_rank_00_optim_states.pt: missing (rank {r} of "
                     f"{world}); every rank's partition is needed. Copy it back or convert another "
                     "step."
                 )
@@ -817,6 +756,8 @@ class SafetensorsFile:
                 if n > min(self.size - 8, 100 << 20):
                     raise CheckpointError(f"{path}: header length {n} is impossible; corrupt")
                 header = json.loads(f.read(n))
+                if not isinstance(header, dict):
+                    raise ValueError("the header is not a JSON object")
         except FileNotFoundError as e:
             raise CheckpointError(f"{path}: missing") from e
         except (OSError, ValueError) as e:
@@ -966,7 +907,10 @@ class HFSource(Source):
                 f"{folder}: tensors do not match config.json: " + "; ".join(problems[:10])
             )
         self._raw = [found[n] for n in want]
-        self.info = {"architecture": (hf.get("architectures") or ["?"])[0]}
+        self._groups = dict(hf_map.hf_groups(cfg))  # our name -> HF names, in row order
+        first = next(iter(self.st.files.values()))
+        self.info = {k: v for k, v in first.metadata.items() if k != "format"}
+        self.info["architecture"] = (hf.get("architectures") or ["?"])[0]
 
     def raw_infos(self) -> list[TensorInfo]:
         return list(self._raw)
@@ -981,12 +925,12 @@ class HFSource(Source):
     def our_infos(self) -> list[TensorInfo]:
         dtypes = {i.name: i.dtype for i in self._raw}
         return [
-            TensorInfo(n, s, dtypes[hf_pieces(n, self.model_cfg)[0][0]])
+            TensorInfo(n, s, dtypes[self._groups[n][0]])
             for n, s in param_shapes(self.model_cfg).items()
         ]
 
     def read_ours(self, name: str) -> torch.Tensor:
-        parts = [self.st.read(hf) for hf, _ in hf_pieces(name, self.model_cfg)]
+        parts = [self.st.read(hf) for hf in self._groups[name]]
         if len({p.dtype for p in parts}) > 1:
             raise CheckpointError(f"{self.path}: the pieces of {name} have different dtypes")
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
@@ -1191,8 +1135,9 @@ def convert(
         plan: list[TensorInfo] = []
         for info in source.our_infos():
             dt = out_dtype or info.dtype
-            pieces = hf_pieces(info.name, cfg) if hf else [(info.name, info.shape[0])]
-            plan += [TensorInfo(n, (rows, *info.shape[1:]), dt) for n, rows in pieces]
+            meta_t = torch.empty(info.shape, device="meta")
+            pieces = split_to_hf(info.name, meta_t, cfg) if hf else [(info.name, meta_t)]
+            plan += [TensorInfo(n, tuple(p.shape), dt) for n, p in pieces]
         meta = {"format": "pt", "loretta": "hf" if hf else "consolidated", "source": source.kind}
         meta.update({k: str(v) for k, v in source.info.items()})
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -1204,10 +1149,8 @@ def convert(
             with _progress(writer.total_bytes, f"{source.kind} -> {to}", progress) as bar:
                 for name, t in source.iter_ours():
                     t = t.to(out_dtype) if out_dtype else t
-                    row = 0
-                    for piece, rows in hf_pieces(name, cfg) if hf else [(name, t.shape[0])]:
-                        writer.write(piece, t[row : row + rows])  # row blocks: contiguous views
-                        row += rows
+                    for piece_name, piece in split_to_hf(name, t, cfg) if hf else [(name, t)]:
+                        writer.write(piece_name, piece)
                     bar.update(t.numel() * t.element_size())
             writer.close()
             _write_side_files(tmp, source, hf, out_dtype or plan[0].dtype)
@@ -1296,11 +1239,9 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     step: int | None = None,
-) -> tuple[Any, VocabLayout]:
+) -> tuple[Decoder, VocabLayout]:
     """(Decoder in eval mode, vocabulary layout) from a checkpoint step folder (or run dir), a
     consolidated folder or an HF folder; dtype None keeps the stored dtype."""
-    from loretta.model import Decoder
-
     with open_source(path, step) as src:
         if src.layout is None:
             raise CheckpointError(f"{path}: {src.layout_file} missing; cannot interpret tokens")
@@ -1321,6 +1262,8 @@ def tensor_digest(t: torch.Tensor) -> str:
 
 
 def inspect(path: str | Path, step: int | None = None, checksums: bool = True) -> dict[str, Any]:
+    """Metadata and every tensor (name, shape, dtype, sha256) of a checkpoint of any format, in
+    the format's own names, listed in model order."""
     with open_source(path, step) as src:
         tensors = []
         stream = src.iter_raw() if checksums else ((i.name, None) for i in src.raw_infos())
@@ -1334,6 +1277,10 @@ def inspect(path: str | Path, step: int | None = None, checksums: bool = True) -
             if t is not None:
                 row["sha256"] = tensor_digest(t)
             tensors.append(row)
+        # list in model order whatever the storage order (ZeRO stores by parameter group)
+        names = hf_shapes(src.model_cfg) if src.kind == "hf" else param_shapes(src.model_cfg)
+        rank = {n: i for i, n in enumerate(names)}
+        tensors.sort(key=lambda r: rank.get(r["name"], len(rank)))
         return {
             "path": str(src.path),
             "kind": src.kind,

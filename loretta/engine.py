@@ -61,13 +61,23 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
 
 
 def build_model(
-    mcfg: DecoderConfig, ds_config: dict[str, Any], seed: int, zero_init: bool
+    mcfg: DecoderConfig,
+    ds_config: dict[str, Any],
+    seed: int,
+    zero_init: bool,
+    init_state: dict[str, torch.Tensor] | None = None,
 ) -> Decoder:
     """Construct the decoder; with zero_init its parameters are born partitioned, and each is
-    initialised inside a gather (init code in __init__ cannot reach partitioned tensors)."""
+    initialised inside a gather (init code in __init__ cannot reach partitioned tensors).
+
+    `init_state` (rank 0's warm-start weights) replaces the random init. It must be applied
+    before deepspeed.initialize copies the weights into ZeRO-3's fp32 master partitions: a
+    later write to the parameters would be undone by the first optimizer step."""
     if not zero_init:
         model = Decoder(mcfg)
         model.init_weights(seed)
+        if init_state is not None:  # deepspeed.initialize broadcasts rank 0's weights
+            model.load_state_dict(init_state, strict=True)
         return model
     with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=torch.float32):
         model = Decoder(mcfg)
@@ -75,7 +85,10 @@ def build_model(
     for name, p in model.named_parameters():
         with GatheredParameters([p], modifier_rank=0):
             if rank == 0:
-                model.init_param(name, p.data, seed)
+                if init_state is not None:
+                    p.data.copy_(init_state[name].to(p.dtype))
+                else:
+                    model.init_param(name, p.data, seed)
     return model
 
 
@@ -202,14 +215,6 @@ class Engine:
         with GatheredParameters(head, modifier_rank=None):
             return m.end(h, ctx)
 
-    @contextlib.contextmanager
-    def gathered_group_params(
-        self, params: list[torch.nn.Parameter], modifier_rank: int | None = None
-    ) -> Iterator[None]:
-        """Gather `params`; with modifier_rank, that rank's edits are scattered back."""
-        with GatheredParameters(params, modifier_rank=modifier_rank):
-            yield
-
     def zero_stage(self) -> int:
         return int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
 
@@ -232,8 +237,13 @@ class Engine:
         return {"params": params, "optimizer": opt}
 
 
-def build_engine(cfg: TrainConfig, ds_config: dict[str, Any], seed: int) -> Engine:
-    model = build_model(cfg.model, ds_config, seed, cfg.engine.zero_init)
+def build_engine(
+    cfg: TrainConfig,
+    ds_config: dict[str, Any],
+    seed: int,
+    init_state: dict[str, torch.Tensor] | None = None,
+) -> Engine:
+    model = build_model(cfg.model, ds_config, seed, cfg.engine.zero_init, init_state)
     model.activation_checkpointing = cfg.engine.activation_checkpointing
     groups = param_groups(model, cfg.optim.weight_decay)
     if offloads_optimizer(ds_config) or "optimizer" in ds_config:

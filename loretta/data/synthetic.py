@@ -45,7 +45,7 @@ def synthetic_samples(cfg: SyntheticConfig, key_prefix: str = "") -> Iterator[Sa
             sm = cfg.modalities[name]
             n = int(rng.integers(sm.min_len, sm.max_len + 1))
             ids = class_pattern(c, j, sm.size, n, cfg.classes)
-            noise = rng.random(n) < 0.1
+            noise = rng.random(n) < cfg.noise
             ids[noise] = rng.integers(0, sm.size, int(noise.sum()))
             if name in present:
                 sample[name] = ids.astype(np.int64)

@@ -195,6 +195,8 @@ class Decoder(nn.Module):
         """Initialise one parameter from a generator keyed by (seed, name): the result does not
         depend on construction order, device count or sharding."""
         std = self.init_std(name)
+        if p.is_meta:  # built on the meta device, to be loaded with assign=True
+            return
         if std is None:
             p.fill_(1.0)
             return

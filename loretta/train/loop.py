@@ -101,6 +101,10 @@ def prepare(cfg: TrainConfig, info: DistInfo) -> Prepared:
     finalize_model_config(cfg, layout.size)
     resume_dir = ckpt.resolve_resume(cfg)
     state = ckpt.check_compatible(resume_dir, cfg, layout) if resume_dir else None
+    if cfg.checkpoint.init_from and resume_dir is None:  # a bad export fails here, early
+        from loretta.convert import check_init_source
+
+        check_init_source(cfg.checkpoint.init_from, cfg.model, layout).close()  # headers only
     universal = bool(state and state.get("world_size") != info.world_size)
     ds_config = resolve_ds_config(cfg, info.world_size, load_universal=universal)
     from loretta.objectives import build_objective
@@ -136,7 +140,13 @@ def run(cfg: TrainConfig, info: DistInfo, dry_run: bool = False, objective: Any 
             E.convert_to_universal(p.resume_dir / "ds", tmp)
             os.replace(tmp, p.resume_dir / "universal")
         E.barrier()
-    eng = E.build_engine(cfg, p.ds_config, cfg.run.seed)
+    init_state = None
+    if p.resume_dir is None and cfg.checkpoint.init_from and rank == 0:
+        from loretta.convert import load_for_init
+
+        init_state = load_for_init(cfg.checkpoint.init_from, cfg.model, p.layout)
+    eng = E.build_engine(cfg, p.ds_config, cfg.run.seed, init_state)
+    del init_state
     eng.module.set_backend(cfg.model.attn_backend, p.device)
 
     step, tokens_seen, loader_state, wandb_id = 0, 0, None, None
@@ -147,8 +157,6 @@ def run(cfg: TrainConfig, info: DistInfo, dry_run: bool = False, objective: Any 
         tokens_seen = int(p.resume_state.get("tokens_seen", 0))
         loader_state = p.resume_state.get("loader_state")
         wandb_id = p.resume_state.get("wandb_id")
-    elif cfg.checkpoint.init_from:
-        _warm_start(eng, cfg, p.layout, E)
     objective = objective or p.objective
     loader, _ = build_loader(cfg, rank, world, loader_state, objective.planner_factory())
     data = iter(loader)
@@ -379,18 +387,6 @@ def _log(
     window.update(
         t0=time.perf_counter(), wait=0.0, tokens=0, real=0, steps=0, gen_s=0.0, gen_tokens=0.0
     )
-
-
-def _warm_start(eng: Any, cfg: TrainConfig, layout: Any, E: Any) -> None:
-    """Initial weights from a consolidated or Hugging Face export, at any world size."""
-    from loretta.convert import load_for_init
-
-    state = load_for_init(cfg.checkpoint.init_from, cfg.model, layout)  # CPU tensors, our names
-    rank = int(os.environ.get("RANK", "0"))
-    for name, param in eng.module.named_parameters():
-        with eng.gathered_group_params([param], modifier_rank=0):
-            if rank == 0:
-                param.data.copy_(state[name].to(param.dtype))
 
 
 class _Audit:

@@ -1,0 +1,285 @@
+"""Evaluation utilities: conditional likelihood across modalities (zero-shot classification by
+ranking class prototypes), pooled hidden states and linear probes, and generation.
+
+    loretta-eval zeroshot CKPT --data TEST --from image --to speech --prototypes TRAIN_SET
+    loretta-eval probe CKPT --train TRAIN_SET --test TEST --modalities image,text
+    loretta-eval generate CKPT --data TEST --from speech --to image -n 8
+
+CKPT is a checkpoint step folder, a run's checkpoints/ folder, a consolidated export or a
+Hugging Face export (see loretta/convert.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from loretta.model import Decoder
+from loretta.model.generate import SamplingConfig, generate
+from loretta.vocab import VocabLayout
+
+Part = tuple[str, np.ndarray]  # (modality name, local ids)
+
+
+def encode(
+    layout: VocabLayout, parts: Sequence[Part], bos: bool = True, open_: str | None = None
+) -> np.ndarray:
+    """[bos] <a> A <b> B ... [<open_>]: global ids of a document (or a prompt ending in a
+    modality token that asks for `open_`)."""
+    out: list[np.ndarray] = [np.array([layout.bos_id])] if bos else []
+    for name, ids in parts:
+        m = layout[name]
+        out += [np.array([m.token_id]), np.asarray(ids, dtype=np.int64) + m.offset]
+    if open_ is not None:
+        out.append(np.array([layout[open_].token_id]))
+    return np.concatenate(out).astype(np.int64)
+
+
+def _pad(seqs: list[np.ndarray], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.from_numpy(s)
+    return ids, torch.tensor([len(s) for s in seqs])
+
+
+@torch.no_grad()
+def conditional_logprob(
+    model: Decoder,
+    layout: VocabLayout,
+    conds: Sequence[Part],
+    targets: Sequence[Part],
+    batch_size: int = 32,
+    normalize: bool = True,
+) -> np.ndarray:
+    """scores[i, k] = log p(target_k | cond_i), summed (or averaged, with normalize) over the
+    target's content tokens. Right-padded batches; the causal mask makes padding harmless."""
+    model.eval()
+    dev = model.tok_embeddings.weight.device
+    pairs = [(i, k) for i in range(len(conds)) for k in range(len(targets))]
+    scores = np.zeros((len(conds), len(targets)))
+    for lo in range(0, len(pairs), batch_size):
+        chunk = pairs[lo : lo + batch_size]
+        seqs, spans = [], []
+        for i, k in chunk:
+            prefix = encode(layout, [conds[i]], open_=targets[k][0])
+            tgt = np.asarray(targets[k][1], dtype=np.int64) + layout[targets[k][0]].offset
+            seqs.append(np.concatenate([prefix, tgt]))
+            spans.append((len(prefix), len(prefix) + len(tgt)))
+        ids, _ = _pad(seqs, layout.pad_id)
+        logp = F.log_softmax(model(ids.to(dev)).float(), dim=-1).cpu()
+        for (i, k), row, (a, b), seq in zip(chunk, logp, spans, seqs):
+            tok = torch.from_numpy(seq[a:b])
+            lp = row[a - 1 : b - 1].gather(1, tok[:, None]).sum().item()
+            scores[i, k] = lp / max(b - a, 1) if normalize else lp
+    return scores
+
+
+def zero_shot(
+    model: Decoder,
+    layout: VocabLayout,
+    items: Sequence[Part],
+    prototypes: dict[int, list[Part]],
+    batch_size: int = 32,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Classify each item by the mean conditional log-likelihood of each class's prototypes.
+    Returns (predicted labels, scores (n_items, n_classes))."""
+    classes = sorted(prototypes)
+    flat = [p for c in classes for p in prototypes[c]]
+    owner = np.array([c for c in classes for _ in prototypes[c]])
+    lp = conditional_logprob(model, layout, items, flat, batch_size)
+    scores = np.stack([lp[:, owner == c].mean(1) for c in classes], 1)
+    return np.asarray(classes)[scores.argmax(1)], scores
+
+
+@torch.no_grad()
+def pooled_features(
+    model: Decoder, layout: VocabLayout, docs: Sequence[Sequence[Part]], batch_size: int = 32
+) -> np.ndarray:
+    """Mean of the final hidden states over each document's tokens: (n_docs, dim)."""
+    model.eval()
+    dev = model.tok_embeddings.weight.device
+    out = []
+    for lo in range(0, len(docs), batch_size):
+        seqs = [encode(layout, d) for d in docs[lo : lo + batch_size]]
+        ids, lens = _pad(seqs, layout.pad_id)
+        h = model(ids.to(dev), return_hidden=True).float().cpu()
+        mask = (torch.arange(ids.shape[1])[None] < lens[:, None]).float()[..., None]
+        out.append(((h * mask).sum(1) / mask.sum(1)).numpy())
+    return np.concatenate(out)
+
+
+def linear_probe(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    weight_decay: float = 1e-3,
+    steps: int = 200,
+) -> float:
+    """Accuracy of an L2-regularised multinomial logistic regression on frozen features."""
+    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
+    xt = torch.tensor((x_train - mu) / sd, dtype=torch.float64)
+    xv = torch.tensor((x_test - mu) / sd, dtype=torch.float64)
+    classes = np.unique(y_train)
+    yt = torch.tensor(np.searchsorted(classes, y_train))
+    w = torch.zeros(xt.shape[1], len(classes), dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(len(classes), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = F.cross_entropy(xt @ w + b, yt) + weight_decay * (w**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)  # type: ignore[no-untyped-call]
+    pred = classes[(xv @ w + b).argmax(1).numpy()]
+    return float((pred == y_test).mean())
+
+
+@torch.no_grad()
+def generate_modality(
+    model: Decoder,
+    layout: VocabLayout,
+    conds: Sequence[Part],
+    target: str,
+    seed: int = 0,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    max_tokens: int | None = None,
+) -> list[np.ndarray]:
+    """Sample `target` (local ids) given each condition: [bos] <a> A <target> -> ..."""
+    m = layout[target]
+    n = m.fixed_length or max_tokens
+    if n is None:
+        raise ValueError(f"modality {target!r} has no fixed length: pass max_tokens")
+    stop = () if m.fixed_length else (layout.eos_id, *layout.modality_token_ids)
+    prompts = [torch.from_numpy(encode(layout, [c], open_=target)) for c in conds]
+    sc = SamplingConfig(
+        max_new_tokens=n,
+        allowed=(m.offset, m.stop),
+        stop_ids=stop,
+        temperature=temperature,
+        top_k=top_k,
+        pad_id=layout.pad_id,
+    )
+    out, lens = generate(model, prompts, sc, torch.Generator().manual_seed(seed))
+    return [row[: int(k)].cpu().numpy() - m.offset for row, k in zip(out, lens)]
+
+
+# ---- datasets with labels --------------------------------------------------------------------
+def labelled(
+    path: str, modalities: Sequence[str], limit: int | None = None, label_key: str = "label"
+) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
+    """Samples having every one of `modalities`, with their integer labels from {key}.json."""
+    from loretta.data.shards import open_dataset
+
+    ds = open_dataset(path)
+    names = ds.layout.names
+    want = [names.index(m) for m in modalities]
+    samples, labels = [], []
+    for i in range(len(ds)):
+        if not all(ds.lengths[i][j] > 0 for j in want):
+            continue
+        meta = ds.meta(i)
+        if label_key not in meta:
+            raise ValueError(f"{ds.where(i)}: no {label_key!r} in its metadata")
+        samples.append({m: np.array(a) for m, a in ds.read(i, list(modalities)).items()})
+        labels.append(int(meta[label_key]))
+        if limit is not None and len(samples) >= limit:
+            break
+    return samples, np.asarray(labels)
+
+
+def prototypes_from(path: str, modality: str, per_class: int) -> dict[int, list[Part]]:
+    samples, labels = labelled(path, [modality])
+    out: dict[int, list[Part]] = {}
+    for s, y in zip(samples, labels):
+        if len(out.setdefault(int(y), [])) < per_class:
+            out[int(y)].append((modality, s[modality]))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="loretta-eval",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    z = sub.add_parser("zeroshot", help="zero-shot classification by conditional likelihood")
+    z.add_argument("checkpoint")
+    z.add_argument("--data", required=True)
+    z.add_argument("--from", dest="src", required=True)
+    z.add_argument("--to", dest="dst", required=True)
+    z.add_argument("--prototypes", required=True, help="dataset with labelled samples of --to")
+    z.add_argument("--per-class", type=int, default=1)
+    z.add_argument("--limit", type=int, default=None)
+    pr = sub.add_parser("probe", help="linear probe on pooled hidden states")
+    pr.add_argument("checkpoint")
+    pr.add_argument("--train", required=True)
+    pr.add_argument("--test", required=True)
+    pr.add_argument("--modalities", required=True, help="comma-separated, in document order")
+    pr.add_argument("--limit", type=int, default=None)
+    g = sub.add_parser("generate", help="generate one modality from another")
+    g.add_argument("checkpoint")
+    g.add_argument("--data", required=True)
+    g.add_argument("--from", dest="src", required=True)
+    g.add_argument("--to", dest="dst", required=True)
+    g.add_argument("-n", type=int, default=8)
+    g.add_argument("--seed", type=int, default=0)
+    for p in (z, pr, g):
+        p.add_argument("--device", default="cpu")
+    a = ap.parse_args(argv)
+    from loretta.convert import load_model
+    from loretta.errors import LorettaError
+
+    try:
+        model, layout = load_model(a.checkpoint, a.device)
+        if a.cmd == "zeroshot":
+            items, y = labelled(a.data, [a.src], a.limit)
+            protos = prototypes_from(a.prototypes, a.dst, a.per_class)
+            pred, _ = zero_shot(model, layout, [(a.src, s[a.src]) for s in items], protos)
+            res: dict[str, Any] = {
+                "task": f"{a.src}->{a.dst}",
+                "accuracy": float((pred == y).mean()),
+                "n": len(y),
+            }
+        elif a.cmd == "probe":
+            mods = a.modalities.split(",")
+            tr, ytr = labelled(a.train, mods, a.limit)
+            te, yte = labelled(a.test, mods, a.limit)
+            ftr = pooled_features(model, layout, [[(m, s[m]) for m in mods] for s in tr])
+            fte = pooled_features(model, layout, [[(m, s[m]) for m in mods] for s in te])
+            res = {
+                "task": f"probe[{a.modalities}]",
+                "accuracy": linear_probe(ftr, ytr, fte, yte),
+                "n": len(yte),
+            }
+        else:
+            items, y = labelled(a.data, [a.src], a.n)
+            outs = generate_modality(
+                model, layout, [(a.src, s[a.src]) for s in items], a.dst, a.seed
+            )
+            res = {
+                "task": f"generate {a.src}->{a.dst}",
+                "labels": y.tolist(),
+                "generated": [o.tolist() for o in outs],
+            }
+    except LorettaError as e:
+        print(f"loretta-eval: error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
