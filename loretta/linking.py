@@ -44,7 +44,8 @@ def build_data(root: Path) -> dict[str, Path]:
     return paths
 
 
-def train(method: str, out: Path, data: dict[str, Path], steps: int, seed: int, nproc: int) -> Path:
+def train(method: str, out: Path, data: dict[str, Path], steps: int, seed: int, nproc: int,
+          extra: list[str] | None = None) -> Path:
     from loretta.launch import torchrun_pretrain
 
     run = out / f"{method}-seed{seed}"
@@ -57,6 +58,7 @@ def train(method: str, out: Path, data: dict[str, Path], steps: int, seed: int, 
         "--logging.wandb=disabled",
         f"--logging.interval={max(1, steps // 10)}",
         *METHODS[method],
+        *(extra or []),
     ]
     code = torchrun_pretrain(RECIPE, over, nproc)
     if code != 0:
@@ -83,12 +85,13 @@ def evaluate(ckpt: Path, data: dict[str, Path], per_class: int = 3) -> dict[str,
     return res
 
 
-def run(out: Path, steps: int, seeds: list[int], nproc: int = 2) -> dict[str, Any]:
+def run(out: Path, steps: int, seeds: list[int], nproc: int = 2,
+        extra: list[str] | None = None) -> dict[str, Any]:
     data = build_data(out / "data")
     results: dict[str, Any] = {m: [] for m in METHODS}
     for seed in seeds:
         for method in METHODS:
-            ckpt = train(method, out, data, steps, seed, nproc)
+            ckpt = train(method, out, data, steps, seed, nproc, extra)
             results[method].append(evaluate(ckpt, data))
     summary: dict[str, Any] = {"steps": steps, "seeds": seeds, "per_seed": results}
     for m in METHODS:
@@ -111,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--nproc", type=int, default=2)
-    a = ap.parse_args(argv)
-    summary = run(Path(a.out), a.steps, [int(s) for s in a.seeds.split(",")], a.nproc)
+    a, extra = ap.parse_known_args(argv)  # the rest: config overrides for both methods
+    summary = run(Path(a.out), a.steps, [int(s) for s in a.seeds.split(",")], a.nproc, extra)
     for m in METHODS:
         print(
             f"{m:12s} missing pair (a<->c) {summary[f'{m}/missing_pair']:.3f}  "

@@ -171,3 +171,28 @@ def test_zero3_transitive_run_no_hang_and_reproducible(
     assert rec["generation_share"] > 0 and any(
         k.startswith("loss/dir/c'->a") or k.startswith("loss/dir/a'->c") for k in rec
     )
+
+
+def test_chain_for_a_single_modality_source(abc_data: Path) -> None:
+    """a -> b' -> c', then train [c', a]: two generation waves for one document."""
+    chain = [
+        "--data.sources.0.modalities=[a]",
+        "--objective.links=[{source: ab, prompt: a, via: [b], generate: c, target: a}]",
+        "--objective.transitive_prob=1.0",
+    ]
+    _, p, it, model = setup(abc_data, *chain)
+    lay = p.layout
+    batch = next(it)
+    docs = [d for d in batch["gen_docs"] if d[3].source == 0]
+    assert docs
+    batch = p.objective.prepare(batch, LocalEngine(model), 0)
+    c, a = lay["c"], lay["a"]
+    for r, start, _, plan, _ in docs:
+        assert [(b.modality, b.gen_from) for b in plan.blocks] == [(2, 0), (0, -1)]
+        toks = batch["tokens"][r]
+        assert toks[start + 1] == c.token_id
+        j = start + 2
+        while toks[j] != a.token_id:
+            assert c.offset <= toks[j] < c.stop
+            j += 1
+    assert p.objective.last_generation["gen_tokens"] > 0
