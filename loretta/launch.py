@@ -29,6 +29,9 @@ def torchrun_pretrain(
     """Run `python -m loretta.pretrain` under torchrun on this machine; returns its exit code."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
+    # the venv's tools first: DeepSpeed builds its CPU op with the first `ninja` on PATH, and
+    # two different ninjas keep rebuilding each other's output
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     import torch
 
     if not torch.cuda.is_available():

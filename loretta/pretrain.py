@@ -28,6 +28,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args, overrides = parse_args(argv)
+    # Catch SIGTERM/SIGUSR1 from the start: one that arrives while DeepSpeed initialises is
+    # acted on at the first step boundary instead of killing the process.
+    from loretta.train.faults import SignalFlag
+
+    signals = SignalFlag()
     from loretta.config import load_config
     from loretta.dist import discover
 
@@ -41,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         info = discover(argv=argv)
         from loretta.train.loop import run
 
-        return run(cfg, info, dry_run=args.dry_run)
+        return run(cfg, info, dry_run=args.dry_run, signals=signals)
     except LorettaError as e:
         print(f"loretta: error: {e}", file=sys.stderr, flush=True)
         return 2

@@ -10,7 +10,7 @@
 #   CONFIG          recipe name or YAML path                         (default: tiny)
 #   OVERRIDES       extra overrides, space separated: "--run.steps=1000 --optim.lr=3e-4"
 #   RUN_DIR         run folder, passed as --run.run_dir              (default: runs/<job name>)
-#   GPUS_PER_NODE   processes per node on GPU nodes  (default: from --gpus-per-node, else 0)
+#   GPUS_PER_NODE   processes per node on GPU nodes  (default: the job's GPUs per node, or 0)
 #   PROCS_PER_NODE  processes per node on CPU-only nodes (default: 1); also wins on GPU nodes
 #   TORCHRUN        torchrun to start                                (default: torchrun)
 #   MASTER_PORT     rendezvous port                    (default: 20000 + job id % 20000)
@@ -39,8 +39,9 @@ TORCHRUN=${TORCHRUN:-torchrun}
 read -r -a overrides <<<"${OVERRIDES:-}"
 
 # --- processes per node ---------------------------------------------------------------------
-# SLURM_GPUS_PER_NODE is set by --gpus-per-node, e.g. "8" or "h100:8".
-GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_PER_NODE:-0}}
+# Slurm sets SLURM_GPUS_ON_NODE when the job has GPUs (--gpus-per-node, --gres=gpu:N, ...);
+# SLURM_GPUS_PER_NODE holds --gpus-per-node as given, e.g. "8" or "h100:8".
+GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-${SLURM_GPUS_PER_NODE:-0}}}
 GPUS_PER_NODE=${GPUS_PER_NODE##*:}
 if [ "$GPUS_PER_NODE" -gt 0 ]; then
   NPROC=${PROCS_PER_NODE:-$GPUS_PER_NODE}
@@ -64,14 +65,15 @@ export MASTER_ADDR MASTER_PORT
 cpus=${SLURM_CPUS_PER_TASK:-$NPROC}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$((cpus / NPROC > 0 ? cpus / NPROC : 1))}
 # srun in Slurm 22.05 does not inherit --cpus-per-task from sbatch; this makes it.
-[ -n "${SLURM_CPUS_PER_TASK:-}" ] && export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
+if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK; fi
 # a failed NCCL collective raises (and ends the job) instead of hanging until the time limit
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
 export NCCL_ASYNC_ERROR_HANDLING=${NCCL_ASYNC_ERROR_HANDLING:-1}
 export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 export PYTHONUNBUFFERED=1 PYTHONFAULTHANDLER=1
-# torchrun >= 2.9 catches SIGUSR1 and forwards it to its workers; it then waits this long for
-# them to checkpoint and exit before it kills them (its default is 30 s).
+# torchrun with --signals-to-handle (torch 2.14 has it) then catches SIGUSR1 and forwards it to
+# its workers; it waits this long for them to checkpoint and exit before it kills them (30 s
+# by default).
 export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-600}
 export LORETTA_SLURM_FAIL_NODE=${LORETTA_SLURM_FAIL_NODE:-}
@@ -95,12 +97,13 @@ fi
 stop=""
 trap "stop=USR1" USR1
 trap "stop=TERM" TERM
+echo "[pretrain.sh] $tag: starting torchrun (--node_rank=$SLURM_NODEID)" >&2
 (trap "" USR1; exec "$1" --node_rank="$SLURM_NODEID" "${@:2}") &
 pid=$!
 while kill -0 "$pid" 2>/dev/null; do wait "$pid" || true; done
 rc=0; wait "$pid" || rc=$?
 if [ -n "$stop" ] && [ "$rc" != 0 ]; then
-  echo "[pretrain.sh] $tag: torchrun exited $rc after SIG$stop (expected: the workers stop); task exits 0" >&2
+  echo "[pretrain.sh] $tag: torchrun exited $rc after SIG$stop; the task exits 0 (the batch script judges the stop)" >&2
   exit 0
 fi
 exit "$rc"
@@ -117,14 +120,32 @@ launch=(
 # bash runs a trap only between foreground commands, so srun runs in the background and the
 # script waits for it; a trap interrupts `wait`, which is then resumed.
 stop=""
+# shellcheck disable=SC2317  # called by the traps below
 on_signal() {
   stop=$1
-  log "got SIG$1: asking the training to checkpoint and stop"
-  # as USR1 even for TERM: srun answers a SIGTERM by SIGKILLing its tasks
-  [ -n "${srun_pid:-}" ] && kill -USR1 "$srun_pid" 2>/dev/null || true
+  if [ "$1" = USR1 ]; then
+    log "got SIGUSR1: asking the training to checkpoint and stop"
+    # srun passes USR1 on to its tasks (slurmstepd signals every process of the step)
+    if [ -n "${srun_pid:-}" ]; then kill -USR1 "$srun_pid" 2>/dev/null || true; fi
+  else
+    # Slurm sends this SIGTERM to every process of the job (cancel, preemption, time limit),
+    # training included, and SIGKILLs them KillWait seconds later. Another signal now would
+    # make torchrun give up waiting for its workers to finish the checkpoint.
+    log "got SIGTERM: the training got it too and checkpoints if it can within KillWait"
+  fi
 }
 trap 'on_signal USR1' USR1
 trap 'on_signal TERM' TERM
+
+# True if the checkpoint folder $1 holds the run's last step (loretta saves one at the end,
+# checkpoint.save_final). Reads loretta's state.json and config.yaml; no python needed.
+finished() {
+  local step steps
+  step=$(grep -o '"step": *[0-9]*' "$1/state.json" 2>/dev/null | grep -o '[0-9]*$') || return 1
+  steps=$(awk '/^run:/ {r = 1; next} /^[^ ]/ {r = 0} r && $1 == "steps:" {print $2}' \
+    "$1/config.yaml" 2>/dev/null) || return 1
+  [ -n "$step" ] && [ "$step" = "$steps" ]
+}
 
 metrics=$RUN_DIR/metrics.jsonl
 mkdir -p "$RUN_DIR"
@@ -148,20 +169,26 @@ if [ -z "$stop" ]; then
   exit "$rc"
 fi
 
-# Stopped by a signal: loretta's rank 0 records {"event": "preempted"} once the checkpoint is
-# complete (it exits 75, which torchrun does not pass on).
-if tail -c "+$((offset + 1))" "$metrics" 2>/dev/null | grep -q '"event": "preempted"'; then
-  ckpt=$(cat "$RUN_DIR/checkpoints/latest" 2>/dev/null || echo '?')
+# Stopped by a signal. Judge from what loretta wrote (the 75 its processes exit with does not
+# get through torchrun): the newest checkpoint, and the {"event": "preempted"} record that rank
+# 0 appends to metrics.jsonl once the checkpoint is complete.
+ckpt=$(cat "$RUN_DIR/checkpoints/latest" 2>/dev/null || echo none)
+if finished "$RUN_DIR/checkpoints/$ckpt"; then
+  log "training finished: $ckpt is the last step (it ended before SIG$stop could stop it)"
+  exit 0
+fi
+if tail -c "+$((offset + 1))" "$metrics" 2>/dev/null | grep -F '"event": "preempted"' >/dev/null; then
   if [ "$stop" = USR1 ]; then
     log "checkpointed ($ckpt) after SIGUSR1: requeueing job $SLURM_JOB_ID"
-    scontrol requeue "$SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID" || {
+      log "FAILED: scontrol requeue refused; submit the same command again to resume from $ckpt"
+      exit 1
+    }
   else
     log "checkpointed ($ckpt) after SIGTERM: not requeueing (Slurm requeues preempted jobs)"
   fi
   exit 0
 fi
-# Every node exited after the signal but no checkpoint was recorded: the training either had
-# just finished or failed while stopping; the two look alike here, so fail safe.
-log "FAILED: no preemption checkpoint was recorded after SIG$stop (exit code $rc): the training" \
-  "finished just before it, or failed while stopping; see the log above. Not requeueing."
+log "FAILED: no checkpoint was recorded after SIG$stop (exit code $rc); see the log above." \
+  "Not requeueing: submit again to resume from $ckpt"
 exit "$((rc == 0 ? 1 : rc))"

@@ -30,6 +30,9 @@ def base_env(**extra: str) -> dict[str, str]:
         OMP_NUM_THREADS="1",
         PYTHONUNBUFFERED="1",
         MASTER_PORT=str(free_port()),
+        # one ninja for every test: torch builds DeepSpeed's CPU op with the first `ninja` on
+        # PATH, and the venv's (1.13) and Debian's (1.11) each rebuild what the other built
+        PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     )
     env.pop("WANDB_API_KEY", None)
     env.update(extra)

@@ -123,7 +123,13 @@ def cross_entropy_per_token(logits: torch.Tensor, targets: torch.Tensor) -> torc
     )
 
 
-def run(cfg: TrainConfig, info: DistInfo, dry_run: bool = False, objective: Any = None) -> int:
+def run(
+    cfg: TrainConfig,
+    info: DistInfo,
+    dry_run: bool = False,
+    objective: Any = None,
+    signals: SignalFlag | None = None,
+) -> int:
     p = prepare(cfg, info)
     from loretta import engine as E  # deepspeed is imported only now, after every check
 
@@ -195,7 +201,7 @@ def run(cfg: TrainConfig, info: DistInfo, dry_run: bool = False, objective: Any 
             peak_source=peak_src,
             flops_per_token=flops_tok,
         )
-    signals = SignalFlag()
+    signals = signals if signals is not None else SignalFlag()
     watchdog = Watchdog(cfg.engine.timeout_s)
     nan = NanPolicy(cfg.faults.nan_policy, cfg.faults.max_nan_skips)
     accum, B, T = cfg.optim.grad_accum_steps, cfg.data.micro_batch_size, cfg.data.seq_len

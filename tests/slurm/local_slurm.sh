@@ -6,6 +6,8 @@
 # Everything it owns lives in one folder: its own slurm.conf (used through SLURM_CONF, so the
 # machine's /etc/slurm is never touched), its own munged on a private socket and key, state,
 # spool and logs. It starts and stops only the daemons whose pid files are in that folder.
+# Outside it, it only appends "127.0.0.1 node1 node2 # loretta local_slurm" to /etc/hosts when
+# the names do not resolve, as node names do on a real cluster (jobs use them as MASTER_ADDR).
 #
 # Usage:  local_slurm.sh start    install Debian packages if missing (root + apt), then
 #                                 (re)start the cluster from a clean state
@@ -148,6 +150,15 @@ EOF
   chmod 0644 "$CONF"
 }
 
+resolve_nodes() {
+  local n missing=""
+  for n in $(nodes); do getent hosts "$n" >/dev/null || missing="$missing $n"; done
+  [ -z "$missing" ] && return 0
+  # append only: /etc/hosts is often a bind mount, which `sed -i` cannot replace
+  echo "127.0.0.1$missing # loretta local_slurm" >>/etc/hosts ||
+    die "cannot add$missing to /etc/hosts; jobs need the node names to resolve"
+}
+
 start() {
   local n state=""
   check
@@ -159,6 +170,7 @@ start() {
   for n in $(nodes); do mkdir -p "$DIR/spool/$n"; done
   start_munge
   write_conf
+  resolve_nodes
   slurmctld -f "$CONF" # forks; writes $DIR/slurmctld.pid
   for _ in $(seq 50); do
     scontrol ping 2>/dev/null | grep -q UP && break
