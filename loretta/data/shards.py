@@ -489,18 +489,21 @@ class ShardDataset:
             if n == 0:
                 continue
             off, nb = int(rec["offset"][j]), int(rec["nbytes"][j])
-            if off + nb > len(mm):
-                raise DataError(
-                    f"{self.where(i)}: member {name}.npy needs bytes up to {off + nb} but the "
-                    f"shard has {len(mm)}; the shard is truncated"
-                )
-            arr = parse_npy(view[off : off + nb], f"{self.where(i)} {name}.npy")
-            if arr.size != n:
-                raise DataError(
-                    f"{self.where(i)} {name}.npy: {arr.size} tokens but the index says {n}; "
-                    "the manifest/index disagree with the shard: rebuild with `loretta-shards index`"
-                )
-            check_ids(arr, self.layout[name].size, f"{self.where(i)} {name}")
+            try:  # messages name the file and sample; formatted only when there is one
+                if off + nb > len(mm):
+                    raise DataError(
+                        f": member {name}.npy needs bytes up to {off + nb} but the shard has "
+                        f"{len(mm)}; the shard is truncated"
+                    )
+                arr = parse_npy(view[off : off + nb], f" {name}.npy")
+                if arr.size != n:
+                    raise DataError(
+                        f" {name}.npy: {arr.size} tokens but the index says {n}; the "
+                        "manifest/index disagree with the shard: rebuild with `loretta-shards index`"
+                    )
+                check_ids(arr, self.layout[name].size, f" {name}")
+            except DataError as e:
+                raise DataError(f"{self.where(i)}{e}") from e
             out[name] = arr
         return out
 
@@ -537,7 +540,7 @@ def open_dataset(path: str, cache_dir: str | Path = "", verify_checksums: bool =
     ):
         from loretta.data.mds import MdsDataset
 
-        return MdsDataset(path, cache_dir=cache_dir)
+        return MdsDataset(path, cache_dir=cache_dir, verify_checksums=verify_checksums)
     if is_url(path):
         local = resolve_local(path, cache_dir or Path.home() / ".cache/loretta/shards")
         with contextlib.suppress(DataError):
@@ -547,7 +550,12 @@ def open_dataset(path: str, cache_dir: str | Path = "", verify_checksums: bool =
             if fmt.endswith("mds"):
                 from loretta.data.mds import MdsDataset
 
-                return MdsDataset(path, cache_dir=cache_dir)
+                return MdsDataset(path, cache_dir=cache_dir, verify_checksums=verify_checksums)
+        elif path.split(":", 1)[0] in ("s3", "oci", "azure", "azure-dl", "dbfs"):
+            # webdataset's gopen cannot read these; mosaicml-streaming (MDS) can
+            from loretta.data.mds import MdsDataset
+
+            return MdsDataset(path, cache_dir=cache_dir, verify_checksums=verify_checksums)
     return ShardDataset(path, cache_dir=cache_dir, verify_checksums=verify_checksums)
 
 

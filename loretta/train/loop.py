@@ -278,7 +278,7 @@ def run(
                 step_loss[0] += float(loss.detach())
                 step_loss[1] += 1
                 window["tokens"] += B * T
-                window["real"] += int((batch["targets"] != IGNORE).sum())
+                window["real"] += int((batch["tokens"] != p.layout.pad_id).sum())
                 loader_state = batch["state"]
                 if audit is not None:
                     audit.write(step + 1, batch["docs"])

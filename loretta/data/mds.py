@@ -1,0 +1,695 @@
+"""mosaicml-streaming (MDS) datasets: conversion to and from our webdataset format, and random
+access by global sample index for the loader.
+
+A dataset written by `to_mds` is a folder (or an object-store prefix)::
+
+    index.json            streaming's index (shards, columns)
+    shard.00000.mds ...   MDS shards; by default one per source tar, so that the planner's
+                          shard-local epoch order, and therefore every batch, equals the source's
+    manifest.json         ours: format "loretta-mds", the layout, shards (samples, bytes, sha256,
+                          tokens per modality), the sha256 of the index
+    loretta_index.npy     per sample: MDS shard, key, tokens per modality (the planner's input)
+
+Columns: one ``ndarray:uint16`` (``int32`` above 65,536 ids) per modality, ``lengths``
+(``ndarray:int32``, tokens per modality, 0 = absent), ``key`` (str) and ``meta`` (json).
+streaming refuses to encode an empty array, so an absent modality holds one placeholder id and
+``lengths`` says 0: plain-streaming readers must look at ``lengths`` too.
+
+Processes. A `StreamingDataset` finds its shared memory (shard states, cache accounting) under a
+prefix that local rank 0 registers and the other local ranks look up; to order the two it calls
+``torch.distributed.barrier()`` when a process group exists, and when none exists but
+WORLD_SIZE > 1 it creates and destroys a process group of its own. Constructing one is therefore
+a collective operation in a multi-rank job, so `MdsDataset` constructs it
+
+* at once, as a one-process world, when no launcher says otherwise (tools, tests);
+* at once, collectively, when a process group exists: every rank must open the dataset at the
+  same point (loretta's RankStream does, after init), with RANK/WORLD_SIZE taken from the group
+  and LOCAL_RANK/LOCAL_WORLD_SIZE from the launcher (`loretta.dist.discover`);
+* not at all when a multi-rank launcher is set up but no group exists yet (loretta checks the
+  config and data before init): only the manifest and index are read. A read in that state
+  builds a private one-process StreamingDataset under a file lock, which is safe for local
+  folders; remote datasets must be opened after init.
+
+DataLoader workers (fork) inherit the constructed object: a read needs only the shard files and
+the inherited shared memory, never a collective. streaming keeps file locks in
+`tempfile.gettempdir()` and skips prefixes whose locks exist, so jobs that share a machine
+should each set their own TMPDIR.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import multiprocessing as mp
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loretta.data.format import (
+    KEY_BYTES,
+    Manifest,
+    ShardInfo,
+    atomic_write_bytes,
+    atomic_write_json,
+    check_ids,
+    sha256_file,
+    token_dtype,
+)
+from loretta.data.shards import (
+    Sample,
+    ShardDataset,
+    _npy_file_bytes,
+    _progress_bar,
+    _read_manifest_file,
+    is_url,
+    resolve_local,
+    write_dataset,
+)
+from loretta.errors import DataError
+from loretta.vocab import VocabLayout
+
+MDS_FORMAT = "loretta-mds"
+MDS_INDEX = "loretta_index.npy"
+RESERVED_COLUMNS = ("lengths", "key", "meta")
+# MDS stores sample offsets as uint32 and requires size_limit < 2**32; one source tar normally
+# fits (64 MiB by default) and a larger one is split by the writer.
+SHARD_LIMIT = 1 << 31
+
+
+def mds_index_dtype(n_modalities: int) -> np.dtype:
+    return np.dtype(
+        [
+            ("shard", np.int32),  # MDS shard (position in index.json)
+            ("key", f"S{KEY_BYTES}"),
+            ("length", np.int32, (n_modalities,)),  # tokens; 0 = modality absent
+        ]
+    )
+
+
+def mds_columns(layout: VocabLayout) -> dict[str, str]:
+    """streaming column encodings for a layout (modalities first, in layout order)."""
+    cols = {}
+    for m in layout.modalities:
+        if m.name in RESERVED_COLUMNS:
+            raise DataError(
+                f"modality {m.name!r} clashes with an MDS column of the same name "
+                f"{RESERVED_COLUMNS}; rename the modality in the layout"
+            )
+        cols[m.name] = f"ndarray:{token_dtype(m.size).name}"
+    cols.update(lengths="ndarray:int32", key="str", meta="json")
+    return cols
+
+
+# ==== webdataset -> MDS ========================================================================
+def _mds_record(ds: ShardDataset, i: int) -> dict[str, Any]:
+    arrays = ds.read(i)
+    rec: dict[str, Any] = {
+        "key": ds.key(i),
+        "meta": ds.meta(i),
+        "lengths": np.asarray(ds.lengths[i], dtype=np.int32),
+    }
+    for m in ds.layout.modalities:
+        dt = token_dtype(m.size)
+        a = arrays.get(m.name)
+        rec[m.name] = a.astype(dt) if a is not None else np.zeros(1, dt)  # placeholder: absent
+    return rec
+
+
+Part = tuple[str, int, int, str | None]  # (output folder, first sample, stop, compression)
+_SOURCE: ShardDataset | None = None  # the source dataset, in a to_mds worker process
+
+
+def _open_source(src: str, cache_dir: str) -> None:
+    global _SOURCE
+    _SOURCE = ShardDataset(src, cache_dir)
+
+
+def _write_part_in_worker(part: Part) -> list[dict[str, Any]]:
+    assert _SOURCE is not None, "pool initializer did not run"
+    return _write_part(_SOURCE, part)
+
+
+def _write_part(ds: ShardDataset, part: Part) -> list[dict[str, Any]]:
+    """Write source samples [start, stop) as MDS into `out`; return its index.json shards."""
+    out, start, stop, compression = part
+    from streaming import MDSWriter
+
+    with MDSWriter(
+        out=out, columns=mds_columns(ds.layout), compression=compression, size_limit=SHARD_LIMIT
+    ) as w:
+        for i in range(start, stop):
+            w.write(_mds_record(ds, i))
+    return list(json.loads((Path(out) / "index.json").read_text())["shards"])
+
+
+def _adopt_shard(part: Path, root: Path, entry: dict[str, Any], sid: int) -> dict[str, Any]:
+    """Move a part's shard file(s) to root/shard.{sid}.mds[.zip] and rename them in the entry."""
+    entry = dict(entry)
+    for kind in ("raw_data", "zip_data"):
+        info = entry.get(kind)
+        if not info:
+            continue
+        old = str(info["basename"])
+        rest = old.split(".", 2)[2]  # 'shard.00000.mds.zstd' -> 'mds.zstd'
+        new = f"shard.{sid:05d}.{rest}"
+        if (part / old).exists():
+            os.replace(part / old, root / new)
+        entry[kind] = {**info, "basename": new}
+    return entry
+
+
+def _stored_name(entry: dict[str, Any]) -> str:
+    """The file of an index.json shard that exists on disk (the zip when compressed)."""
+    return str((entry.get("zip_data") or entry["raw_data"])["basename"])
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    if out.exists():
+        if not overwrite:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DataError(f"{out} appeared while writing; not replacing it")
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def to_mds(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    samples_per_shard: int | None = None,
+    compression: str | None = None,
+    workers: int = 1,
+    overwrite: bool = False,
+    cache_dir: str | Path = "",
+    progress: bool = False,
+) -> Manifest:
+    """Convert one of our webdataset datasets (folder or URL) to an MDS folder at `dst`.
+
+    By default every source tar becomes one MDS shard (same shard sizes, hence the same batches
+    from the loader); `samples_per_shard` regroups. Written in a temp folder next to `dst` and
+    renamed into place when complete; `workers` processes write shards in parallel.
+    """
+    src_s = str(src)
+    ds = ShardDataset(src_s, cache_dir)
+    layout = ds.layout
+    mds_columns(layout)  # refuse clashing modality names before any work
+    out = Path(dst)
+    if out.exists() and not overwrite:
+        raise DataError(f"{out} already exists; choose another folder or pass --overwrite")
+    if samples_per_shard is not None and samples_per_shard < 1:
+        raise DataError(f"samples_per_shard={samples_per_shard}: must be >= 1")
+    if compression is not None:
+        from streaming.base.compression import get_compressions, is_compression
+
+        if not is_compression(compression):
+            known = sorted({c.split(":")[0] for c in get_compressions()})
+            raise DataError(
+                f"compression={compression!r}: streaming compresses with {known} (optionally "
+                "with a level, e.g. zstd:7)"
+            )
+    n = len(ds)
+    if samples_per_shard is None:
+        cuts = np.concatenate([[0], np.cumsum(ds.shard_counts)]).tolist()
+    else:
+        cuts = [*range(0, n, samples_per_shard), n]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    parts = [tmp / f".part-{p:06d}" for p in range(len(cuts) - 1)]
+    tasks: list[Part] = [
+        (str(parts[p]), int(cuts[p]), int(cuts[p + 1]), compression) for p in range(len(parts))
+    ]
+    bar = _progress_bar(progress, "shards")
+    try:
+        entries: list[dict[str, Any]] = []
+        with contextlib.ExitStack() as stack:
+            if workers > 1:
+                pool = stack.enter_context(
+                    mp.get_context("spawn").Pool(workers, _open_source, (src_s, str(cache_dir)))
+                )
+                results: Iterator[list[dict[str, Any]]] = pool.imap(_write_part_in_worker, tasks)
+            else:
+                results = (_write_part(ds, t) for t in tasks)
+            for part, shards in zip(parts, results):
+                entries += [
+                    _adopt_shard(part, tmp, e, len(entries) + k) for k, e in enumerate(shards)
+                ]
+                shutil.rmtree(part)
+                if bar is not None:
+                    bar.update(1)
+        (tmp / "index.json").write_text(json.dumps({"version": 2, "shards": entries}, indent=1))
+        counts = [int(e["samples"]) for e in entries]
+        index = np.zeros(n, dtype=mds_index_dtype(len(layout.names)))
+        index["shard"] = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
+        index["key"] = ds.index["key"]
+        index["length"] = ds.lengths
+        atomic_write_bytes(tmp / MDS_INDEX, _npy_file_bytes(index))
+        starts = np.concatenate([[0], np.cumsum(counts)])
+        infos = []
+        for sid, e in enumerate(entries):
+            f = tmp / _stored_name(e)
+            toks = ds.lengths[starts[sid] : starts[sid + 1]].sum(axis=0)
+            infos.append(
+                ShardInfo(
+                    f.name,
+                    counts[sid],
+                    f.stat().st_size,
+                    sha256_file(f),
+                    {m: int(t) for m, t in zip(layout.names, toks)},
+                )
+            )
+        manifest = Manifest(
+            layout, infos, sha256_file(tmp / MDS_INDEX), format=MDS_FORMAT, meta=ds.manifest.meta
+        )
+        d = manifest.to_dict()
+        d["index"]["file"] = MDS_INDEX
+        d["converted_from"] = src_s
+        atomic_write_json(tmp / "manifest.json", d)
+        _move_into_place(tmp, out, overwrite)
+        return manifest
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        ds.close()
+        if bar is not None:
+            bar.close()
+
+
+# ==== MDS -> webdataset ========================================================================
+def from_mds(
+    src: str | Path,
+    dst: str | Path,
+    *,
+    samples_per_shard: int | None = None,
+    workers: int = 1,
+    overwrite: bool = False,
+    cache_dir: str | Path = "",
+    progress: bool = False,
+) -> Manifest:
+    """Convert an MDS dataset written by `to_mds` back to our webdataset format (lossless: the
+    same keys, arrays, dtypes and metadata; shards of `samples_per_shard`, by default the size
+    of the largest MDS shard, which restores the original tars of a `to_mds` round trip)."""
+    ds = MdsDataset(str(src), cache_dir)
+
+    def samples() -> Iterator[Sample]:
+        for i in range(len(ds)):
+            s = ds.sample(i)
+            arrays = ds.read(i, sample=s)
+            yield {"key": ds.key(i), **arrays, "meta": s.get("meta") or {}}
+
+    return write_dataset(
+        samples(),
+        dst,
+        ds.layout,
+        samples_per_shard=samples_per_shard or max(ds.shard_counts),
+        workers=workers,
+        overwrite=overwrite,
+        meta=ds.manifest.meta,
+        progress=progress,
+    )
+
+
+# ==== reading ==================================================================================
+# (remote, local folder, index sha256) -> StreamingDataset, shared by this process's MdsDatasets
+_OPEN: dict[tuple[str | None, str, str], Any] = {}
+
+
+def _streaming_remote(url: str) -> str:
+    """The remote that streaming understands: file:// URLs become plain paths."""
+    if url.startswith("file://"):
+        return url[len("file://") :]
+    from streaming.base.storage.download import DOWNLOADER_MAPPINGS
+
+    scheme = url.split("://", 1)[0] if "://" in url else url.split(":", 1)[0]
+    if scheme not in DOWNLOADER_MAPPINGS:
+        known = [*sorted(s for s in DOWNLOADER_MAPPINGS if s), "file"]
+        raise DataError(
+            f"{url}: mosaicml-streaming cannot read {scheme!r} URLs (it reads {known}); "
+            "copy the MDS folder to one of those, or convert it with `loretta-shards from-mds` "
+            "and serve the webdataset tars instead"
+        )
+    return url
+
+
+def _download(remote: str, name: str, local: Path) -> None:
+    """Copy remote/name to local/name unless present (unique temp name, then rename)."""
+    dest = local / name
+    if dest.exists():
+        return
+    from streaming.base.storage.download import CloudDownloader
+
+    local.mkdir(parents=True, exist_ok=True)
+    tmp = local / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp"
+    src = os.path.join(remote, name)
+    try:
+        CloudDownloader.direct_download(src, str(tmp))
+        os.replace(tmp, dest)
+    except Exception as e:
+        raise DataError(f"could not fetch {src}: {type(e).__name__}: {e}") from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _mode() -> str:
+    """How this process may construct a StreamingDataset now (see the module docstring)."""
+    import torch
+
+    from loretta.dist import discover
+
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        if torch.utils.data.get_worker_info() is not None:
+            return "forbidden"  # a forked worker: the group's sockets belong to the parent
+        return "collective"
+    return "defer" if discover().world_size > 1 else "solo"
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _world_env(mode: str) -> dict[str, str]:
+    """RANK/WORLD_SIZE/LOCAL_RANK/LOCAL_WORLD_SIZE as streaming should see them."""
+    if mode != "collective":
+        return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+    import torch
+
+    from loretta.dist import discover
+
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    info = discover()
+    local_rank, local_world = (
+        (info.local_rank, info.local_world_size) if info.world_size == world else (rank, world)
+    )
+    return {
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world),
+        "LOCAL_RANK": str(local_rank),
+        "LOCAL_WORLD_SIZE": str(local_world),
+    }
+
+
+@contextlib.contextmanager
+def _solo_lock() -> Iterator[None]:
+    """Serialise one-process constructions on this machine: each registers its own prefix, and
+    two scanning at once would pick the same one."""
+    path = os.path.join(tempfile.gettempdir(), "loretta-mds-open.lock")
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _construct(remote: str | None, local: str, mode: str, where: str) -> Any:
+    from streaming import StreamingDataset
+
+    lock = _solo_lock() if mode != "collective" else contextlib.nullcontext()
+    try:
+        with lock, _environ(_world_env(mode)):
+            return StreamingDataset(
+                remote=remote,
+                local=local,
+                shuffle=False,
+                predownload=8,  # unused by random access; set so streaming does not log it
+                allow_unsafe_types=False,
+            )
+    except ValueError as e:
+        if "Reused local directory" in str(e):
+            raise DataError(
+                f"{where}: another live StreamingDataset uses the cache folder {local} for this "
+                "remote. In a multi-rank job open the dataset after torch.distributed is "
+                "initialised, on every rank; after a killed run, free its shared memory once "
+                "with `python -c 'import streaming.base.util as u; "
+                "u.clean_stale_shared_memory()'`"
+            ) from e
+        raise DataError(f"{where}: streaming could not open the dataset ({e})") from e
+    except (RuntimeError, OSError, KeyError) as e:
+        raise DataError(
+            f"{where}: streaming could not open the dataset ({type(e).__name__}: {e})"
+        ) from e
+
+
+class MdsDataset:
+    """Random access to an MDS dataset written by `to_mds`, by global sample index (0..n-1).
+
+    `path` is a local folder (read in place) or a URL that mosaicml-streaming reads (s3://,
+    gs://, ..., or file:///path), whose shards are downloaded into `cache_dir` on first use.
+    Token counts come from loretta_index.npy; samples are read with StreamingDataset.get_item.
+    """
+
+    def __init__(
+        self, path: str, cache_dir: str | Path = "", verify_checksums: bool = False
+    ) -> None:
+        self.path = str(path)
+        self.verify_checksums = verify_checksums
+        self.remote: str | None = None
+        if is_url(self.path):
+            self.remote = _streaming_remote(self.path)
+            cache = cache_dir or Path.home() / ".cache/loretta/shards"
+            self.local = resolve_local(self.path, cache)
+            for name in ("manifest.json", MDS_INDEX, "index.json"):
+                _download(self.remote, name, self.local)
+        else:
+            self.local = Path(self.path)
+            if not self.local.is_dir():
+                raise DataError(f"dataset folder {self.path!r} does not exist")
+        self.manifest = _read_manifest_file(self.local / "manifest.json")
+        if self.manifest.format != MDS_FORMAT:
+            raise DataError(
+                f"{self.local / 'manifest.json'}: format {self.manifest.format!r}, expected "
+                f"{MDS_FORMAT!r}; open webdataset folders with loretta.data.shards.open_dataset"
+            )
+        self.layout = self.manifest.layout
+        self.shard_counts = [s.samples for s in self.manifest.shards]
+        self._load_index()
+        self.lengths = np.ascontiguousarray(self.index["length"])  # (n, M) tokens per modality
+        self._check_streaming_index()
+        if self.remote is None:
+            self._check_shard_files()
+        self._names = self.layout.names
+        self._col = {n: j for j, n in enumerate(self._names)}
+        self._sizes = [m.size for m in self.layout.modalities]
+        self._verified: set[int] = set()
+        self._sd: Any = None
+        if _mode() in ("solo", "collective"):
+            self._streaming(at_open=True)
+
+    # ---- checks --------------------------------------------------------------------------------
+    def _load_index(self) -> None:
+        p = self.local / MDS_INDEX
+        if not p.exists():
+            raise DataError(f"{p} not found; re-convert the dataset with `loretta-shards to-mds`")
+        try:
+            self.index = np.load(p, mmap_mode="r")
+        except (ValueError, OSError) as e:
+            raise DataError(f"{p}: unreadable index ({e}); re-convert with `to-mds`") from e
+        n = self.manifest.samples
+        if self.index.dtype != mds_index_dtype(len(self.layout.names)) or len(self.index) != n:
+            raise DataError(
+                f"{p}: index has {len(self.index)} records of {self.index.dtype.names} but the "
+                f"manifest lists {n} samples over modalities {self.layout.names}; the manifest "
+                "disagrees with its index: re-convert with `loretta-shards to-mds`"
+            )
+        if n == 0:
+            raise DataError(f"dataset {self.path!r} is empty (0 samples); it cannot be sampled")
+
+    def _check_streaming_index(self) -> None:
+        p = self.local / "index.json"
+        try:
+            shards = json.loads(p.read_text())["shards"]
+            theirs = [(_stored_name(e), int(e["samples"])) for e in shards]
+        except FileNotFoundError:
+            raise DataError(f"{p} not found: not an MDS dataset folder") from None
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise DataError(f"{p}: malformed streaming index ({type(e).__name__}: {e})") from e
+        ours = [(s.name, s.samples) for s in self.manifest.shards]
+        if theirs != ours:
+            diff = next(
+                (f"shard {k}: {a} vs {b}" for k, (a, b) in enumerate(zip(theirs, ours)) if a != b),
+                f"{len(theirs)} vs {len(ours)} shards",
+            )
+            raise DataError(
+                f"{p} disagrees with manifest.json ({diff}); the folder was modified after "
+                "conversion: re-convert with `loretta-shards to-mds`"
+            )
+
+    def _check_shard_files(self) -> None:
+        for s in self.manifest.shards:
+            f = self.local / s.name
+            if not f.exists():
+                raise DataError(
+                    f"{f}: shard listed in the manifest is missing; restore it or re-convert "
+                    "with `loretta-shards to-mds`"
+                )
+            if f.stat().st_size != s.bytes:
+                raise DataError(
+                    f"{f}: {f.stat().st_size} bytes but the manifest says {s.bytes}; the shard "
+                    "is truncated or was rewritten: restore it or re-convert"
+                )
+
+    # ---- streaming -----------------------------------------------------------------------------
+    def _streaming(self, at_open: bool = False) -> Any:
+        if self._sd is not None:
+            return self._sd
+        # the index checksum tells a rewritten dataset at the same path from the one cached
+        key = (self.remote, str(self.local.resolve()), self.manifest.index_sha256)
+        sd = _OPEN.get(key)
+        if sd is None:
+            mode = _mode()
+            if mode == "forbidden":
+                raise DataError(
+                    f"{self.path}: the MDS dataset was opened before torch.distributed was "
+                    "initialised and first read in a DataLoader worker; open it after init, in "
+                    "the main process of every rank (as loretta's loader does)"
+                )
+            if mode == "collective" and not at_open:
+                raise DataError(
+                    f"{self.path}: the MDS dataset was opened before torch.distributed was "
+                    "initialised and first read after it; constructing StreamingDataset is a "
+                    "collective step, so open the dataset again after init, on every rank"
+                )
+            sd = _OPEN[key] = _construct(
+                self.remote, key[1], "solo" if mode == "defer" else mode, self.path
+            )
+            if int(sd.num_samples) != len(self) or [len(s) for s in sd.shards] != self.shard_counts:
+                raise DataError(
+                    f"{self.path}: streaming reads {sd.num_samples} samples in shards of "
+                    f"{[len(s) for s in sd.shards][:8]}... but the manifest lists {len(self)} in "
+                    f"{self.shard_counts[:8]}...; re-convert with `loretta-shards to-mds`"
+                )
+        self._sd = sd
+        return sd
+
+    def __getstate__(self) -> dict[str, Any]:
+        # spawned workers rebuild their own StreamingDataset (shared memory does not pickle)
+        return {**self.__dict__, "_sd": None, "index": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.index = np.load(self.local / MDS_INDEX, mmap_mode="r")
+
+    # ---- the dataset interface -----------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def modality_names(self) -> list[str]:
+        return self.layout.names
+
+    def shard_of(self, i: int) -> int:
+        return int(self.index[i]["shard"])
+
+    def key(self, i: int) -> str:
+        return bytes(self.index[i]["key"]).decode()
+
+    def where(self, i: int) -> str:
+        return f"{self.path}/{self.manifest.shards[self.shard_of(i)].name} sample {self.key(i)!r}"
+
+    def _verify_shard(self, sd: Any, sid: int) -> None:
+        sd.prepare_shard(sid)  # downloads a remote shard into the cache
+        info = self.manifest.shards[sid]
+        f = self.local / info.name
+        digest = sha256_file(f)
+        if digest != info.sha256:
+            raise DataError(
+                f"{f}: sha256 {digest[:12]}... differs from the manifest's {info.sha256[:12]}...; "
+                "the shard is corrupt or was replaced"
+            )
+        self._verified.add(sid)
+
+    def sample(self, i: int) -> dict[str, Any]:
+        """Every column of sample `i` as streaming decodes it (placeholders included)."""
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} out of range for {len(self)} samples")
+        sd = self._streaming()
+        if self.verify_checksums and self.shard_of(i) not in self._verified:
+            self._verify_shard(sd, self.shard_of(i))
+        try:
+            s = sd.get_item(int(i))
+        except Exception as e:
+            raise DataError(
+                f"{self.where(i)}: unreadable MDS sample ({type(e).__name__}: {e}); the shard "
+                "is corrupt or missing: restore it or re-convert"
+            ) from e
+        if not isinstance(s, dict) or s.get("key") != self.key(i):
+            got = s.get("key") if isinstance(s, dict) else type(s).__name__
+            raise DataError(
+                f"{self.where(i)}: streaming returned sample {got!r}; the shards disagree with "
+                "loretta_index.npy: re-convert with `loretta-shards to-mds`"
+            )
+        return s
+
+    def read(
+        self,
+        i: int,
+        modalities: list[str] | None = None,
+        sample: dict[str, Any] | None = None,
+    ) -> dict[str, np.ndarray]:
+        """Local-id arrays of sample `i` (modalities it lacks are left out)."""
+        s = self.sample(i) if sample is None else sample
+        want = self.lengths[i].tolist()
+        got = s.get("lengths")
+        out = {}
+        try:  # messages name the file and sample; formatted only when there is one
+            if not isinstance(got, np.ndarray) or got.tolist() != want:
+                raise DataError(
+                    f": lengths column {got!r} differs from loretta_index.npy {want}; "
+                    "re-convert with `loretta-shards to-mds`"
+                )
+            for name in self._names if modalities is None else modalities:
+                j = self._col.get(name)
+                if j is None:
+                    raise DataError(f": modality {name!r} is not in the layout {self._names}")
+                n = want[j]
+                if n == 0:
+                    continue
+                arr = s.get(name)
+                if not isinstance(arr, np.ndarray) or arr.shape != (n,):
+                    shape = getattr(arr, "shape", type(arr).__name__)
+                    raise DataError(
+                        f" {name}: array of shape {shape}, but the index says {n} tokens; the "
+                        "shard is corrupt: re-convert with `loretta-shards to-mds`"
+                    )
+                check_ids(arr, self._sizes[j], f" {name}")
+                out[name] = arr
+        except DataError as e:
+            raise DataError(f"{self.where(i)}{e}") from e
+        return out
+
+    def meta(self, i: int) -> dict[str, Any]:
+        m = self.sample(i).get("meta")
+        if not isinstance(m, dict):
+            raise DataError(f"{self.where(i)}: meta column holds {type(m).__name__}, not a dict")
+        return m
+
+    def iter_samples(self) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        for i in range(len(self)):
+            yield i, self.read(i)
+
+    def close(self) -> None:
+        """Forget this object's reference; the StreamingDataset stays shared in the process."""
+        self._sd = None
