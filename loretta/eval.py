@@ -82,19 +82,42 @@ def conditional_logprob(
     return scores
 
 
+@torch.no_grad()
+def unconditional_logprob(
+    model: Decoder, layout: VocabLayout, targets: Sequence[Part], normalize: bool = True
+) -> np.ndarray:
+    """log p(target | [bos] <t>) per target: how likely each prototype is with no condition."""
+    model.eval()
+    dev = model.tok_embeddings.weight.device
+    out = np.zeros(len(targets))
+    for i, (name, ids) in enumerate(targets):
+        seq = encode(layout, [(name, ids)])
+        logp = F.log_softmax(model(torch.from_numpy(seq)[None].to(dev)).float(), -1)[0].cpu()
+        tok = torch.from_numpy(seq[2:])
+        lp = logp[1:-1].gather(1, tok[:, None]).sum().item()
+        out[i] = lp / max(len(tok), 1) if normalize else lp
+    return out
+
+
 def zero_shot(
     model: Decoder,
     layout: VocabLayout,
     items: Sequence[Part],
     prototypes: dict[int, list[Part]],
     batch_size: int = 32,
+    calibrate: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Classify each item by the mean conditional log-likelihood of each class's prototypes.
-    Returns (predicted labels, scores (n_items, n_classes))."""
+
+    With `calibrate`, each prototype's unconditional log-likelihood is subtracted first (a
+    pointwise-mutual-information score): prototypes that are likely whatever the input no
+    longer win for every item. Returns (predicted labels, scores (n_items, n_classes))."""
     classes = sorted(prototypes)
     flat = [p for c in classes for p in prototypes[c]]
     owner = np.array([c for c in classes for _ in prototypes[c]])
     lp = conditional_logprob(model, layout, items, flat, batch_size)
+    if calibrate:
+        lp = lp - unconditional_logprob(model, layout, flat)[None, :]
     scores = np.stack([lp[:, owner == c].mean(1) for c in classes], 1)
     return np.asarray(classes)[scores.argmax(1)], scores
 

@@ -229,3 +229,12 @@ def test_cli_finds_the_cached_build_and_reports_errors(built: Path) -> None:
     )
     assert bad.returncode == 2
     assert "svl.image_levels=1: must be in 2..256" in bad.stderr
+
+
+def test_every_text_is_non_empty() -> None:
+    from loretta.demo.svl_data import DEFAULT_TEXT_LANGUAGES
+    from loretta.demo.texts import text_pools
+
+    for kinds in text_pools(DEFAULT_TEXT_LANGUAGES):
+        for items in kinds.values():
+            assert all(t.strip() for t in items)

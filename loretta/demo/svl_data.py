@@ -64,7 +64,7 @@ from loretta.vocab import VocabLayout
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = 1  # bump when a code change alters the data a config produces
+BUILDER_VERSION = 2  # bump when a code change alters the data a config produces
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 MODALITIES = ("image", "speech", "text")  # layout order
 SPLIT_MODALITIES: dict[str, tuple[str, ...]] = {
@@ -481,7 +481,7 @@ def _text_items(cfg: SvlDigitsConfig) -> tuple[_Items, Tokenizer, dict[str, Any]
         dropped = reused = 0
         for c, block in enumerate(blocks[split]):
             encoded = texts.encode(tokenizer, block)
-            fits = [(t, e) for t, e in zip(block, encoded) if len(e) <= cfg.max_text_tokens]
+            fits = [(t, e) for t, e in zip(block, encoded) if 0 < len(e) <= cfg.max_text_tokens]
             dropped += len(block) - len(fits)
             if not fits:
                 raise DataError(

@@ -139,7 +139,11 @@ def text_pools(languages: Sequence[str], classes: int = 10) -> list[dict[str, li
             for t in items:
                 owner.setdefault(t.casefold(), set()).add(c)
     return [
-        {kind: [t for t in items if len(owner[t.casefold()]) == 1] for kind, items in kinds.items()}
+        {
+            # an empty string (some languages lack a form) would be a sample with no text
+            kind: [t for t in items if t.strip() and len(owner[t.casefold()]) == 1]
+            for kind, items in kinds.items()
+        }
         for kinds in cands
     ]
 
