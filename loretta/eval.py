@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from loretta.model import Decoder
+from loretta.model import Decoder, KVCache
 from loretta.model.generate import SamplingConfig, generate
 from loretta.vocab import VocabLayout
 
@@ -60,25 +60,39 @@ def conditional_logprob(
     normalize: bool = True,
 ) -> np.ndarray:
     """scores[i, k] = log p(target_k | cond_i), summed (or averaged, with normalize) over the
-    target's content tokens. Right-padded batches; the causal mask makes padding harmless."""
+    target's content tokens.
+
+    Each condition's prefix `[bos] <a> A <c>` runs once; its KV cache is then shared by a
+    batch of targets, so the cost is N prefixes + N*K targets, not N*K full documents."""
     model.eval()
     dev = model.tok_embeddings.weight.device
-    pairs = [(i, k) for i in range(len(conds)) for k in range(len(targets))]
+    dtype = model.tok_embeddings.weight.dtype
+    by_mod: dict[str, list[int]] = {}
+    for k, (name, _) in enumerate(targets):
+        by_mod.setdefault(name, []).append(k)
     scores = np.zeros((len(conds), len(targets)))
-    for lo in range(0, len(pairs), batch_size):
-        chunk = pairs[lo : lo + batch_size]
-        seqs, spans = [], []
-        for i, k in chunk:
-            prefix = encode(layout, [conds[i]], open_=targets[k][0])
-            tgt = np.asarray(targets[k][1], dtype=np.int64) + layout[targets[k][0]].offset
-            seqs.append(np.concatenate([prefix, tgt]))
-            spans.append((len(prefix), len(prefix) + len(tgt)))
-        ids, _ = _pad(seqs, layout.pad_id)
-        logp = F.log_softmax(model(ids.to(dev)).float(), dim=-1).cpu()
-        for (i, k), row, (a, b), seq in zip(chunk, logp, spans, seqs):
-            tok = torch.from_numpy(seq[a:b])
-            lp = row[a - 1 : b - 1].gather(1, tok[:, None]).sum().item()
-            scores[i, k] = lp / max(b - a, 1) if normalize else lp
+    for name, ks in by_mod.items():
+        off = layout[name].offset
+        tgts = [np.asarray(targets[k][1], dtype=np.int64) + off for k in ks]
+        for i, cond in enumerate(conds):
+            prefix = torch.from_numpy(encode(layout, [cond], open_=name))[None].to(dev)
+            P = prefix.shape[1]
+            pcache = KVCache.empty(model.cfg, 1, P, dev, dtype)
+            first = F.log_softmax(model(prefix, cache=pcache)[0, -1].float(), -1).cpu()
+            for lo in range(0, len(ks), batch_size):
+                chunk = tgts[lo : lo + batch_size]
+                ids, lens = _pad(chunk, layout.pad_id)
+                n, T = ids.shape
+                cache = KVCache.empty(model.cfg, n, P + T, dev, dtype)
+                cache.k[:, :, :P] = pcache.k[:, :, :P]  # broadcast the prefix to every target
+                cache.v[:, :, :P] = pcache.v[:, :, :P]
+                cache.length = P
+                pos = torch.arange(P, P + T, device=dev).expand(n, T)
+                logp = F.log_softmax(model(ids.to(dev), pos, cache=cache).float(), -1).cpu()
+                for j, (row, L) in enumerate(zip(logp, lens.tolist())):
+                    tok = ids[j, :L]
+                    lp = first[tok[0]].item() + row[: L - 1].gather(1, tok[1:, None]).sum().item()
+                    scores[i, ks[lo + j]] = lp / L if normalize else lp
     return scores
 
 

@@ -58,7 +58,17 @@ PRESETS = {
     # a few minutes per method on two CPU cores
     "cpu": Preset(
         "default",
-        {"speech_frames": 13, "speech_coeffs": 8, "speech_levels": 8, "image_levels": 8},
+        {
+            # small enough for a few hundred steps on two CPU cores to learn the seen pairs:
+            # 7x7 images with 4 levels, 8x6 MFCC speech, number words and simple phrases
+            "image_side": 7,
+            "image_levels": 4,
+            "speech_frames": 8,
+            "speech_coeffs": 6,
+            "speech_levels": 8,
+            "text_languages": ["en", "de", "fr", "es", "it"],
+            "text_kinds": ["words", "frames"],
+        },
         "svl_digits",
         steps=300,
         eval_per_class=20,
@@ -420,7 +430,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="runs/svl-demo")
     ap.add_argument("--data", default="data/svl-digits", help="where the dataset is cached")
     ap.add_argument("--nproc", type=int, default=0, help="0: 2 on a CPU, one per GPU")
+    ap.add_argument(
+        "--svl",
+        action="append",
+        default=[],
+        help="SVL-digits data override, e.g. --svl image_side=14 (repeatable)",
+    )
     a, extra = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
+    for item in a.svl:
+        key, _, value = item.partition("=")
+        import yaml
+
+        PRESETS[a.preset].data[key] = yaml.safe_load(value)
     methods = [m for m in a.methods.split(",") if m]
     bad = [m for m in methods if m not in METHODS]
     if bad:

@@ -83,6 +83,7 @@ SOURCE_PACKAGES = {
     "num2words": texts.NUM2WORDS_HINT,
     "tokenizers": "install it with `pip install tokenizers`",
 }
+TEXT_KINDS = ("words", "frames", "arithmetic", "phrases")
 DEFAULT_TEXT_LANGUAGES = [
     "en", "de", "fr", "es", "it", "pt", "nl", "sv", "da", "no", "fi", "id", "tr", "ro", "hu",
     "ca", "eo", "cy", "sl", "vi", "ru", "ar", "ja",
@@ -111,6 +112,8 @@ class SvlDigitsConfig:
     speech_snr_db: list[float] = field(default_factory=lambda: [20.0, 40.0])  # noise range
     # language
     text_languages: list[str] = field(default_factory=lambda: list(DEFAULT_TEXT_LANGUAGES))
+    # kinds of text: number words, "the number 7"-style frames, sums ("2 + 5"), phrases
+    text_kinds: list[str] = field(default_factory=lambda: list(TEXT_KINDS))
     text_vocab_size: int = 384  # BPE vocabulary: 256 bytes + merges
     max_text_tokens: int = 24  # longer texts are not used
     samples_per_shard: int = 1000
@@ -198,6 +201,11 @@ class SvlDigitsConfig:
             out.append(f"{p}.speech_snr_db={snr}: must be [low, high] in dB with low <= high")
         if not self.text_languages:
             out.append(f"{p}.text_languages: empty; use e.g. ['en']")
+        bad_kinds = [k for k in self.text_kinds if k not in TEXT_KINDS]
+        if bad_kinds or not self.text_kinds:
+            out.append(
+                f"{p}.text_kinds={self.text_kinds}: choose a non-empty subset of {list(TEXT_KINDS)}"
+            )
         if len(set(self.text_languages)) != len(self.text_languages):
             out.append(f"{p}.text_languages={self.text_languages}: has duplicates")
         try:
@@ -463,7 +471,8 @@ def _text_items(cfg: SvlDigitsConfig) -> tuple[_Items, Tokenizer, dict[str, Any]
     splits = _splits_with(cfg, "text")
     need = [cfg.per_class(s) for s in splits]
     blocks: dict[str, list[list[str]]] = {s: [] for s in splits}  # [split][c] -> candidates
-    for c, kinds in enumerate(texts.text_pools(cfg.text_languages, len(CLASS_NAMES))):
+    for c, all_kinds in enumerate(texts.text_pools(cfg.text_languages, len(CLASS_NAMES))):
+        kinds = {k: v for k, v in all_kinds.items() if k in cfg.text_kinds}
         cuts = [
             _cut_proportionally([kind[i] for i in rng.permutation(len(kind))], need)
             for kind in kinds.values()
