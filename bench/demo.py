@@ -42,6 +42,9 @@ def main() -> None:
         "missing_pair_acc_commutative": round(res["commutative"]["mean"]["missing_pair"], 4),
         "missing_pair_acc_gpt": round(res["gpt"]["mean"]["missing_pair"], 4),
         "missing_pair_std": {k: round(v["std"]["missing_pair"], 4) for k, v in res.items()},
+        "missing_pair_acc_generation": {
+            k: round(v["mean"]["missing_pair_gen"], 4) for k, v in res.items()
+        },
         "missing_pair_acc_calibrated": {
             k: round(v["mean"]["missing_pair_pmi"], 4) for k, v in res.items()
         },

@@ -110,6 +110,9 @@ class ObjectiveConfig:
     links: list[LinkConfig] = field(default_factory=list)
     transitive_prob: float = 0.5  # chance that a sample with a link becomes [generated', target]
     all_modalities_prob: float = 0.0  # chance of one document with every real + generated block
+    # fraction of run.steps before the first transitive document (ours: the paper gives no
+    # schedule; generating from a model that cannot yet generate teaches little)
+    transitive_start: float = 0.0
     loss_on_generated: bool = False  # train on the model's own samples too (default: no)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
@@ -118,6 +121,7 @@ class ObjectiveConfig:
         for name, v in (
             ("transitive_prob", self.transitive_prob),
             ("all_modalities_prob", self.all_modalities_prob),
+            ("transitive_start", self.transitive_start),
         ):
             if not 0.0 <= v <= 1.0:
                 out.append(f"{p}.{name}={v}: must be a probability in [0, 1]")

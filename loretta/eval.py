@@ -153,20 +153,12 @@ def pooled_features(
     return np.concatenate(out)
 
 
-def linear_probe(
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    x_test: np.ndarray,
-    y_test: np.ndarray,
-    weight_decay: float = 1e-3,
-    steps: int = 200,
-) -> float:
-    """Accuracy of an L2-regularised multinomial logistic regression on frozen features."""
-    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
-    xt = torch.tensor((x_train - mu) / sd, dtype=torch.float64)
-    xv = torch.tensor((x_test - mu) / sd, dtype=torch.float64)
-    classes = np.unique(y_train)
-    yt = torch.tensor(np.searchsorted(classes, y_train))
+def fit_linear(x: np.ndarray, y: np.ndarray, weight_decay: float = 1e-3, steps: int = 200) -> Any:
+    """An L2-regularised multinomial logistic regression; returns predict(x) -> labels."""
+    mu, sd = x.mean(0), x.std(0) + 1e-6
+    xt = torch.tensor((x - mu) / sd, dtype=torch.float64)
+    classes = np.unique(y)
+    yt = torch.tensor(np.searchsorted(classes, y))
     w = torch.zeros(xt.shape[1], len(classes), dtype=torch.float64, requires_grad=True)
     b = torch.zeros(len(classes), dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
@@ -178,8 +170,55 @@ def linear_probe(
         return loss
 
     opt.step(closure)  # type: ignore[no-untyped-call]
-    pred = classes[(xv @ w + b).argmax(1).numpy()]
-    return float((pred == y_test).mean())
+    w_, b_ = w.detach(), b.detach()
+
+    def predict(z: np.ndarray) -> np.ndarray:
+        zt = torch.tensor((z - mu) / sd, dtype=torch.float64)
+        return np.asarray(classes[(zt @ w_ + b_).argmax(1).numpy()])
+
+    return predict
+
+
+def linear_probe(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    weight_decay: float = 1e-3,
+    steps: int = 200,
+) -> float:
+    """Accuracy of an L2-regularised multinomial logistic regression on frozen features."""
+    predict = fit_linear(x_train, y_train, weight_decay, steps)
+    return float((predict(x_test) == y_test).mean())
+
+
+def token_features(layout: VocabLayout, name: str, seqs: Sequence[np.ndarray]) -> np.ndarray:
+    """Classifier features of one modality's local ids: the values themselves for a fixed-length
+    modality (pixels, binned MFCCs are ordinal), a bag of tokens otherwise."""
+    m = layout[name]
+    if m.fixed_length is not None:
+        return np.stack([np.asarray(s[: m.fixed_length], dtype=np.float64) for s in seqs])
+    out = np.zeros((len(seqs), m.size))
+    for i, s in enumerate(seqs):
+        np.add.at(out[i], np.asarray(s, dtype=np.int64), 1.0)
+    return out
+
+
+def generate_and_classify(
+    model: Decoder,
+    layout: VocabLayout,
+    items: Sequence[Part],
+    target: str,
+    train_targets: Sequence[np.ndarray],
+    train_labels: np.ndarray,
+    seed: int = 0,
+    max_tokens: int | None = None,
+) -> np.ndarray:
+    """Zero-shot by generation: sample `target` from each item, then label the sample with a
+    linear classifier trained on real `target` data. Returns predicted labels."""
+    predict = fit_linear(token_features(layout, target, train_targets), train_labels)
+    gen = generate_modality(model, layout, items, target, seed=seed, max_tokens=max_tokens)
+    return np.asarray(predict(token_features(layout, target, gen)))
 
 
 @torch.no_grad()

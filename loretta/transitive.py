@@ -101,13 +101,18 @@ class _Planner:
         links: dict[int, list[Link]],
         cfg: TrainConfig,
         reserve: dict[int, int],
+        world: int,
     ) -> None:
         self.builder, self.links, self.reserve = builder, links, reserve
         self.p_trans = cfg.objective.transitive_prob
         self.p_all = cfg.objective.all_modalities_prob
+        # transitive documents start after this many global rows (objective.transitive_start
+        # is a fraction of run.steps); a row count keeps the stream a function of position
+        rows_per_step = cfg.data.micro_batch_size * cfg.optim.grad_accum_steps * world
+        self.start_row = int(cfg.objective.transitive_start * cfg.run.steps) * rows_per_step
 
     def __call__(
-        self, source: int, sample: int, epoch: int, lengths: np.ndarray, h: int
+        self, source: int, sample: int, epoch: int, lengths: np.ndarray, h: int, row: int = 0
     ) -> DocPlan | None:
         links = [
             lk
@@ -115,7 +120,7 @@ class _Planner:
             if lengths[lk.prompt] > 0 and lengths[lk.target] > 0
         ]
         u = unit_float(mix64(h, 7))
-        if links and u < self.p_trans + self.p_all:
+        if links and row >= self.start_row and u < self.p_trans + self.p_all:
             link = links[mix64(h, 8) % len(links)]
             gen = Block(link.generate, self.reserve[link.generate], link.prompt)
             if u < self.p_trans:  # [<c> C' <a> A]: the real target after the generated block
@@ -129,7 +134,7 @@ class _Planner:
                 return DocPlan(
                     source, sample, epoch, blocks_fit, self.builder.doc_length(blocks_fit)
                 )
-        return self.builder.plan(source, sample, epoch, lengths, h)
+        return self.builder.plan(source, sample, epoch, lengths, h, row)
 
 
 class TransitiveObjective(Objective):
@@ -148,11 +153,11 @@ class TransitiveObjective(Objective):
         )
         self.last_generation: dict[str, float] = {}
 
-    def planner_factory(self) -> Callable[[list[Any], SequenceBuilder], Any]:
+    def planner_factory(self) -> Callable[[list[Any], SequenceBuilder, int], Any]:
         links, cfg, reserve = self.links, self.cfg, self.reserve
 
-        def factory(datasets: list[Any], builder: SequenceBuilder) -> _Planner:
-            return _Planner(builder, links, cfg, reserve)
+        def factory(datasets: list[Any], builder: SequenceBuilder, world: int) -> _Planner:
+            return _Planner(builder, links, cfg, reserve, world)
 
         return factory
 

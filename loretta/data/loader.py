@@ -37,8 +37,10 @@ log = logging.getLogger(__name__)
 
 ROW_FIELDS = ("tokens", "positions", "doc_ids", "targets", "target_modality", "target_direction")
 
-# (source, sample, epoch, lengths per modality, 64-bit hash) -> document plan or None
-DocPlanner = Callable[[int, int, int, np.ndarray, int], "DocPlan | None"]
+# (source, sample, epoch, lengths per modality, 64-bit hash, global row) -> plan or None
+DocPlanner = Callable[[int, int, int, np.ndarray, int, int], "DocPlan | None"]
+# (datasets, sequence builder, data-parallel world size) -> document planner
+PlannerFactory = Callable[[list[Any], SequenceBuilder, int], DocPlanner]
 
 
 @dataclass
@@ -105,7 +107,7 @@ class GlobalStream:
                 names = [self.builder.layout.names[m] for m in missing]
                 self._skip(f"missing modality {names}", src.where(idx))
                 continue
-            plan = self.planner(s, idx, epoch, lengths, mix64(self.seed, s, epoch, idx))
+            plan = self.planner(s, idx, epoch, lengths, mix64(self.seed, s, epoch, idx), self.rows)
             if plan is None:
                 self._skip("no modality block fits in data.seq_len", src.where(idx))
                 continue
@@ -267,7 +269,7 @@ class RankStream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
         rank: int,
         world: int,
         state: dict[str, Any] | None = None,
-        planner_factory: Callable[[list[Any], SequenceBuilder], DocPlanner] | None = None,
+        planner_factory: PlannerFactory | None = None,
     ) -> None:
         super().__init__()
         self.cfg, self.rank, self.world, self.state = cfg, rank, world, state
@@ -277,7 +279,9 @@ class RankStream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
     def make_stream(self) -> tuple[GlobalStream, SequenceBuilder]:
         d = self.cfg.data
         builder = SequenceBuilder(self.layout, d.sequence, d.seq_len, self.cfg.run.seed)
-        planner = self.planner_factory(self.datasets, builder) if self.planner_factory else None
+        planner = None
+        if self.planner_factory is not None:
+            planner = self.planner_factory(self.datasets, builder, self.world)
         stream = GlobalStream(
             source_metas(d, self.datasets),
             builder,
@@ -325,7 +329,7 @@ def build_loader(
     rank: int,
     world: int,
     state: dict[str, Any] | None = None,
-    planner_factory: Callable[[list[Any], SequenceBuilder], DocPlanner] | None = None,
+    planner_factory: PlannerFactory | None = None,
 ) -> tuple[torch.utils.data.DataLoader, RankStream]:  # type: ignore[type-arg]
     ds = RankStream(cfg, rank, world, state, planner_factory)
     nw = cfg.data.num_workers

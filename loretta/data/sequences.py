@@ -114,7 +114,7 @@ class SequenceBuilder:
         return self.specials + sum(1 + b.n for b in blocks)
 
     def plan(
-        self, source: int, sample: int, epoch: int, lengths: np.ndarray, h: int
+        self, source: int, sample: int, epoch: int, lengths: np.ndarray, h: int, row: int = 0
     ) -> DocPlan | None:
         """Plain (commutative or fixed-order) document of real modalities; None if nothing fits."""
         present = tuple(int(m) for m in np.flatnonzero(lengths))

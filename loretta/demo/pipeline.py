@@ -155,27 +155,44 @@ def balanced(labels: np.ndarray, per_class: int, seed: int = 0) -> np.ndarray:
 
 def evaluate(ckpt: Path, data: dict[str, Path], preset: Preset) -> dict[str, float]:
     from loretta.convert import load_model
-    from loretta.eval import labelled, linear_probe, pooled_features, prototypes_from, zero_shot
+    from loretta.eval import (
+        fit_linear,
+        generate_modality,
+        labelled,
+        linear_probe,
+        pooled_features,
+        prototypes_from,
+        token_features,
+        zero_shot,
+    )
 
     model, layout = load_model(ckpt)
     test, y = labelled(str(data["test"]), ["image", "speech", "text"])
     keep = balanced(y, preset.eval_per_class)
     items, y_eval = [test[i] for i in keep], y[keep]
     res: dict[str, float] = {}
+    classifiers = {}  # per target modality: a linear classifier on real training samples
+    for dst in ("image", "speech", "text"):
+        real, labels = labelled(str(data[PROTO_SPLIT[dst]]), [dst], limit=2000)
+        classifiers[dst] = fit_linear(token_features(layout, dst, [r[dst] for r in real]), labels)
     for src, dst in SEEN + MISSING:
         protos = prototypes_from(str(data[PROTO_SPLIT[dst]]), dst, preset.prototypes)
         conds = [(src, s[src]) for s in items]
         for key, cal in (("zeroshot", False), ("zeroshot_pmi", True)):
             pred, _ = zero_shot(model, layout, conds, protos, calibrate=cal)
             res[f"{key}/{src}->{dst}"] = float((pred == y_eval).mean())
+        # zero-shot by generation: sample dst from src, label the sample with the classifier
+        gen = generate_modality(model, layout, conds, dst, seed=0, max_tokens=24)
+        pred = classifiers[dst](token_features(layout, dst, gen))
+        res[f"zeroshot_gen/{src}->{dst}"] = float((pred == y_eval).mean())
     half = len(y) // 2  # probe: fit on one half of the aligned test set, score the other
     order = np.random.default_rng(1).permutation(len(y))
     tr, te = order[:half], order[half:]
     for a, b in PROBES:
         feats = pooled_features(model, layout, [[(a, s[a]), (b, s[b])] for s in test])
         res[f"probe/{a}+{b}"] = linear_probe(feats[tr], y[tr], feats[te], y[te])
-    for key in ("zeroshot", "zeroshot_pmi"):
-        tag = "" if key == "zeroshot" else "_pmi"
+    for key in ("zeroshot", "zeroshot_pmi", "zeroshot_gen"):
+        tag = key.removeprefix("zeroshot")
         res[f"missing_pair{tag}"] = float(np.mean([res[f"{key}/{s}->{d}"] for s, d in MISSING]))
         res[f"seen_pairs{tag}"] = float(np.mean([res[f"{key}/{s}->{d}"] for s, d in SEEN]))
     return res
@@ -319,6 +336,11 @@ def write_report(report: Path, summary: dict[str, Any], meta: dict[str, Any]) ->
     for key, title in (
         ("zeroshot", None),
         ("zeroshot_pmi", "Calibrated: each prototype's unconditional log-likelihood subtracted"),
+        (
+            "zeroshot_gen",
+            "By generation: sample the target modality from the input, then label "
+            "the sample with a linear classifier trained on real samples of that modality",
+        ),
     ):
         if title:
             lines += ["", title, "", "| direction | " + " | ".join(methods) + " |"]
