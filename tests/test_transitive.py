@@ -199,7 +199,7 @@ def test_chain_for_a_single_modality_source(abc_data: Path) -> None:
 
 
 def test_transitive_documents_start_after_the_configured_fraction(abc_data: Path) -> None:
-    _, p, it, _ = setup(abc_data, "--objective.transitive_start=0.5", "--run.steps=10")
+    _, _p, it, _ = setup(abc_data, "--objective.transitive_start=0.5", "--run.steps=10")
     # rows of the first 5 steps (8 rows each at world size 1) hold only real documents
     early = [next(it) for _ in range(5)]
     assert all(not b["gen_docs"] for b in early)
