@@ -70,9 +70,9 @@ PRESETS = {
             "text_kinds": ["words", "frames"],
         },
         "svl_digits",
-        steps=300,
+        steps=2000,
         eval_per_class=20,
-        prototypes=2,
+        prototypes=4,
     ),
     # seconds: for tests
     "smoke": Preset(
@@ -93,6 +93,7 @@ PRESETS = {
             "--optim.warmup_steps=2",
             "--checkpoint.interval=0",
             "--logging.interval=2",
+            "--objective.transitive_start=0",
         ],
     ),
     # the paper's data sizes and tokenisation with a larger model: for GPU machines
