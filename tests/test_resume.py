@@ -148,3 +148,27 @@ def test_checkpoint_folder_is_self_describing(
     assert state["tokens_seen"] == STEPS * 2 * 8 * 128
     assert sorted(p.name for p in (last / "rng").iterdir()) == ["rank_00000.pt", "rank_00001.pt"]
     assert (last / "config.yaml").exists() and (last / "layout.json").exists()
+
+
+def test_a_checkpoint_with_another_layout_or_model_is_refused(tmp_path: Path) -> None:
+    from loretta.config import load_config
+    from loretta.data.format import atomic_write_json
+    from loretta.errors import CheckpointError, DataError
+    from loretta.train.checkpoint import check_compatible
+    from loretta.vocab import VocabLayout
+
+    cfg = load_config("tiny")
+    cfg.model.vocab_size = 192
+    ck = tmp_path / "step_00000010"
+    ck.mkdir()
+    (ck / "config.yaml").write_text(cfg.to_yaml())
+    atomic_write_json(ck / "state.json", {"step": 10, "complete": True, "world_size": 2})
+    saved = VocabLayout.build({"a": 64, "b": 64})
+    atomic_write_json(ck / "layout.json", saved.to_dict())
+    assert check_compatible(ck, cfg, saved)["step"] == 10
+    with pytest.raises(DataError, match=r"vocabulary layout of checkpoint .* differs .*b: "):
+        check_compatible(ck, cfg, VocabLayout.build({"a": 64, "b": 65}))
+    other = load_config("tiny", ["--model.dim=128"])
+    other.model.vocab_size = 192
+    with pytest.raises(CheckpointError, match="model.dim: checkpoint 64 vs config 128"):
+        check_compatible(ck, other, saved)

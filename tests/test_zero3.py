@@ -6,7 +6,7 @@ import json
 import subprocess
 from pathlib import Path
 
-from helpers import BIN, REPO, base_env, losses, tiny_overrides, torchrun
+from helpers import BIN, REPO, base_env, losses, metrics, tiny_overrides, torchrun
 
 
 def test_two_process_zero3_loss_falls_and_checkpoints(tmp_path: Path, tiny_data: Path) -> None:
@@ -16,6 +16,21 @@ def test_two_process_zero3_loss_falls_and_checkpoints(tmp_path: Path, tiny_data:
     assert sorted(loss) == list(range(1, 31))
     first, last = sum(loss[s] for s in (1, 2, 3)) / 3, sum(loss[s] for s in (28, 29, 30)) / 3
     assert last < 0.7 * first, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    rec = next(m for m in metrics(run) if m.get("step") == 30 and "loss" in m)
+    for key in (
+        "loss/dir/a->b",
+        "loss/dir/b->a",
+        "loss/mod/a",
+        "tokens_per_s",
+        "tokens_per_s_per_device",
+        "data_wait_frac",
+        "packing_efficiency",
+        "grad_norm",
+        "lr",
+        "data/mix/ab",
+    ):
+        assert key in rec, key
+    assert rec["mfu"] > 0 and rec["tokens_per_s"] > 0
     ck = run / "checkpoints" / "step_00000030"
     assert (run / "checkpoints" / "latest").read_text().strip() == ck.name
     assert json.loads((ck / "state.json").read_text())["complete"] is True
@@ -52,7 +67,7 @@ def test_deepspeed_launcher(tmp_path: Path, tiny_data: Path) -> None:
         "loretta.pretrain",
         "--config",
         "tiny",
-        *tiny_overrides(tmp_path, steps=5, data=tiny_data),
+        *tiny_overrides(tmp_path, steps=5, data=tiny_data, **{"optim.grad_accum_steps": 2}),
     ]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
@@ -61,3 +76,19 @@ def test_deepspeed_launcher(tmp_path: Path, tiny_data: Path) -> None:
         json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     )
     assert start["world_size"] == 2
+
+
+def test_weight_decay_groups_skip_norms_and_embeddings() -> None:
+    from loretta.engine import param_groups
+    from loretta.model import Decoder, DecoderConfig
+
+    m = Decoder(DecoderConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2))
+    decay, no_decay = param_groups(m, 0.1)
+    names = {id(p): n for n, p in m.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {names[id(p)] for p in no_decay["params"]} == {
+        "tok_embeddings.weight",
+        "norm.weight",
+        *(f"layers.{i}.{n}_norm.weight" for i in (0, 1) for n in ("attention", "ffn")),
+    }
+    assert "output.weight" in {names[id(p)] for p in decay["params"]}
