@@ -112,6 +112,29 @@ class Manifest:
             ) from e
 
 
+def load_index(
+    path: Path, dtype: np.dtype, manifest: Manifest, dataset: str, fix: str
+) -> np.ndarray:
+    """Memory-map a per-sample index and check it against its manifest; `fix` says how to
+    rebuild it (e.g. "`loretta-shards index DS`")."""
+    if not path.exists():
+        raise DataError(f"{path} not found; rebuild it with {fix}")
+    try:
+        index = np.load(path, mmap_mode="r")
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path}: unreadable index ({e}); rebuild it with {fix}") from e
+    n, names = manifest.samples, manifest.layout.names
+    if index.dtype != dtype or len(index) != n:
+        raise DataError(
+            f"{path}: index has {len(index)} records of {index.dtype.names} but the manifest "
+            f"lists {n} samples over modalities {names}; the manifest disagrees with its "
+            f"index: rebuild with {fix}"
+        )
+    if n == 0:
+        raise DataError(f"dataset {dataset!r} is empty (0 samples); it cannot be sampled")
+    return index
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

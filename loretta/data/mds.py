@@ -61,6 +61,7 @@ from loretta.data.format import (
     check_ids,
     sha256_file,
     token_dtype,
+    load_index,
 )
 from loretta.data.shards import (
     Sample,
@@ -500,22 +501,9 @@ class MdsDataset:
 
     # ---- checks --------------------------------------------------------------------------------
     def _load_index(self) -> None:
-        p = self.local / MDS_INDEX
-        if not p.exists():
-            raise DataError(f"{p} not found; re-convert the dataset with `loretta-shards to-mds`")
-        try:
-            self.index = np.load(p, mmap_mode="r")
-        except (ValueError, OSError) as e:
-            raise DataError(f"{p}: unreadable index ({e}); re-convert with `to-mds`") from e
-        n = self.manifest.samples
-        if self.index.dtype != mds_index_dtype(len(self.layout.names)) or len(self.index) != n:
-            raise DataError(
-                f"{p}: index has {len(self.index)} records of {self.index.dtype.names} but the "
-                f"manifest lists {n} samples over modalities {self.layout.names}; the manifest "
-                "disagrees with its index: re-convert with `loretta-shards to-mds`"
-            )
-        if n == 0:
-            raise DataError(f"dataset {self.path!r} is empty (0 samples); it cannot be sampled")
+        dtype = mds_index_dtype(len(self.layout.names))
+        fix = "`loretta-shards to-mds` (re-convert the dataset)"
+        self.index = load_index(self.local / MDS_INDEX, dtype, self.manifest, self.path, fix)
 
     def _check_streaming_index(self) -> None:
         p = self.local / "index.json"

@@ -33,6 +33,7 @@ from loretta.data.format import (
     atomic_write_json,
     check_ids,
     index_dtype,
+    load_index,
     npy_bytes,
     parse_npy,
     scan_shard,
@@ -404,24 +405,9 @@ class ShardDataset:
         return self.layout.names
 
     def _check_index(self) -> None:
-        p = self.local / "index.npy"
-        if not p.exists():
-            raise DataError(f"{p} not found; rebuild it with `loretta-shards index {self.path}`")
-        try:
-            self.index = np.load(p, mmap_mode="r")
-        except (ValueError, OSError) as e:
-            raise DataError(
-                f"{p}: unreadable index ({e}); rebuild it with `loretta-shards index`"
-            ) from e
-        n = self.manifest.samples
-        if self.index.dtype != index_dtype(len(self.layout.names)) or len(self.index) != n:
-            raise DataError(
-                f"{p}: index has {len(self.index)} records of {self.index.dtype.names} but the "
-                f"manifest lists {n} samples over modalities {self.layout.names}; the manifest "
-                "disagrees with its index: rebuild with `loretta-shards index`"
-            )
-        if n == 0:
-            raise DataError(f"dataset {self.path!r} is empty (0 samples); it cannot be sampled")
+        fix = f"`loretta-shards index {self.path}`"
+        dtype = index_dtype(len(self.layout.names))
+        self.index = load_index(self.local / "index.npy", dtype, self.manifest, self.path, fix)
 
     def _check_shard_files(self) -> None:
         for s in self.manifest.shards:

@@ -183,39 +183,23 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
-    if meta.cu_seqlens is None or meta.q_offset:
-        return _sdpa(q, k, v, meta)  # KV-cache decode steps take the masked path
     fn = _varlen_fn()
-    left = -1 if meta.window is None else meta.window - 1
-    out = fn(
-        _flat(q),
-        _flat(k),
-        _flat(v),
-        meta.cu_seqlens,
-        meta.cu_seqlens,
-        meta.max_seqlen,
-        meta.max_seqlen,
-        window_size=(left, 0),
-        enable_gqa=q.shape[2] != k.shape[2],
-    )
-    return out.reshape(q.shape)
+    return _over_documents(q, k, v, meta, fn, enable_gqa=q.shape[2] != k.shape[2])
 
 
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
-    if meta.cu_seqlens is None or meta.q_offset:
-        return _sdpa(q, k, v, meta)
     from flash_attn import flash_attn_varlen_func  # optional GPU extra, imported lazily
 
-    left = -1 if meta.window is None else meta.window - 1
-    out = flash_attn_varlen_func(
-        _flat(q),
-        _flat(k),
-        _flat(v),
-        meta.cu_seqlens,
-        meta.cu_seqlens,
-        meta.max_seqlen,
-        meta.max_seqlen,
-        causal=True,
-        window_size=(left, 0),
-    )
+    return _over_documents(q, k, v, meta, flash_attn_varlen_func, causal=True)
+
+
+def _over_documents(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta, fn: Any, **kw: Any
+) -> torch.Tensor:
+    """A varlen kernel over the flattened documents: (B*T, h, hd) tensors + cu_seqlens."""
+    if meta.cu_seqlens is None or meta.q_offset:
+        return _sdpa(q, k, v, meta)  # KV-cache decode steps take the masked path
+    left = -1 if meta.window is None else meta.window - 1  # keys before the query
+    cu, mx = meta.cu_seqlens, meta.max_seqlen
+    out = fn(_flat(q), _flat(k), _flat(v), cu, cu, mx, mx, window_size=(left, 0), **kw)
     return out.reshape(q.shape)
