@@ -204,6 +204,8 @@ def run(
     signals = signals if signals is not None else SignalFlag()
     watchdog = Watchdog(cfg.engine.timeout_s)
     nan = NanPolicy(cfg.faults.nan_policy, cfg.faults.max_nan_skips)
+    if p.resume_state is not None:  # the skip budget spans the whole run, resumes included
+        nan.skipped = int(p.resume_state.get("nan_skipped", 0))
     accum, B, T = cfg.optim.grad_accum_steps, cfg.data.micro_batch_size, cfg.data.seq_len
     audit = _Audit(cfg.run.path / "audit" / f"rank{rank:05d}.jsonl") if cfg.data.audit else None
     window = {
