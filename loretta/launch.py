@@ -32,6 +32,9 @@ def torchrun_pretrain(
     # the venv's tools first: DeepSpeed builds its CPU op with the first `ninja` on PATH, and
     # two different ninjas keep rebuilding each other's output
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    # DeepSpeed's CPU comm op is compiled once per environment: keep each venv's build apart
+    # (a shared ~/.cache build is rebuilt, under one lock, whenever another venv uses it)
+    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions"))
     import torch
 
     if not torch.cuda.is_available():

@@ -33,6 +33,9 @@ def base_env(**extra: str) -> dict[str, str]:
         # one ninja for every test: torch builds DeepSpeed's CPU op with the first `ninja` on
         # PATH, and the venv's (1.13) and Debian's (1.11) each rebuild what the other built
         PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        TORCH_EXTENSIONS_DIR=os.environ.get(
+            "TORCH_EXTENSIONS_DIR", str(Path(sys.prefix) / "torch_extensions")
+        ),
     )
     env.pop("WANDB_API_KEY", None)
     env.update(extra)
