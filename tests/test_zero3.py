@@ -6,6 +6,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
 from helpers import BIN, REPO, base_env, losses, metrics, tiny_overrides, torchrun
 
 
@@ -92,3 +93,21 @@ def test_weight_decay_groups_skip_norms_and_embeddings() -> None:
         *(f"layers.{i}.{n}_norm.weight" for i in (0, 1) for n in ("attention", "ffn")),
     }
     assert "output.weight" in {names[id(p)] for p in decay["params"]}
+
+
+@pytest.mark.gpu
+def test_bf16_zero3_on_nccl(tmp_path: Path, tiny_data: Path) -> None:
+    """GPU machines: bf16 ZeRO-3 over NCCL, one process per visible GPU (at most 2)."""
+    import torch
+
+    n = min(2, torch.cuda.device_count())
+    env = base_env()
+    env.pop("DS_ACCELERATOR")
+    over = tiny_overrides(
+        tmp_path, steps=20, data=tiny_data, **{"run.precision": "bf16", "run.device": "cuda"}
+    )
+    torchrun(n, ["--config", "tiny", *over], env=env)
+    loss = losses(tmp_path / "run")
+    assert loss[20] < 0.8 * loss[1]
+    start = next(m for m in metrics(tmp_path / "run") if m.get("event") == "start")
+    assert start["device"].startswith("cuda") and start["world_size"] == n
