@@ -1,16 +1,75 @@
 #!/usr/bin/env bash
 # One prepared GPU session (H100/H200): the GPU-marked tests and the GPU figures, in one go.
-#   bash bench/gpu_check.sh            (assumes `pip install -e ".[dev]"` was done in .venv)
-# Writes its logs to ${OUT:-gpu-check}/ and prints a summary.
+#   bash bench/gpu_check.sh
+# Python: .venv/bin/python when this checkout has one (after `pip install -e ".[dev]"`), else
+# python3 with the repo on PYTHONPATH; wheels in .whl/ (pure-Python deps such as deepspeed,
+# built elsewhere with `pip wheel`) are installed to /tmp/site first when present.
+# Writes its logs to ${OUT:-gpu-check}/ and prints a summary; exits non-zero if a step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu-check}
 mkdir -p "$out"
-py=.venv/bin/python
-nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$out/gpu.txt"
-# CUDA attention backends (varlen, flash_attn when installed), bf16 ZeRO-3 on NCCL
-$py -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tail -n 30 | tee "$out/pytest_gpu.txt"
-# decoder vs transformers on the GPU, bf16
-$py bench/model_step.py --device cuda --dtype bfloat16 --dim 1024 --layers 8 --heads 16 \
-  --kv-heads 8 --vocab 32000 --batch 8 --seq 1024 2>&1 | tail -n 3 | tee "$out/model_step_cuda.txt"
-echo "done: logs in $out/"
+if [[ -x .venv/bin/python ]]; then
+  py=.venv/bin/python
+else
+  py=python3
+  if compgen -G ".whl/*.whl" >/dev/null; then
+    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site
+  fi
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export WANDB_MODE=offline WANDB_SILENT=true PYTHONUNBUFFERED=1
+export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-/tmp/torch_extensions}
+fail=0
+step() {  # step NAME CMD...: run, log to $out/NAME.txt, remember failures
+  local name=$1
+  shift
+  echo "== $name: $*"
+  local t0=$SECONDS
+  "$@" >"$out/$name.txt" 2>&1
+  local rc=$?
+  tail -n 12 "$out/$name.txt"
+  echo "== $name: exit $rc in $((SECONDS - t0)) s"
+  [[ $rc -eq 0 ]] || fail=1
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+$py -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__)"
+
+# CUDA attention backends (varlen; flash_attn when installed) and bf16 ZeRO-3 over NCCL
+step pytest_gpu $py -m pytest -m gpu -q -p no:cacheprovider tests/test_model.py tests/test_zero3.py
+
+# decoder vs transformers on the GPU, bf16, one process (no DeepSpeed)
+step model_step_cuda $py bench/model_step.py --device cuda --dtype bfloat16 --dim 2048 \
+  --layers 8 --heads 16 --kv-heads 8 --vocab 32000 --batch 8 --seq 2048 --iters 10
+
+# ZeRO-3 generation inside training on the GPU: gathered-once KV-cached vs hook-driven naive
+step transitive_generation_cuda $py bench/transitive_generation.py --device cuda --dim 1024 \
+  --layers 8 --prompts 64 --new 196 --steps 4
+
+# bf16 ZeRO-3 pretraining throughput and MFU: 8 x 2048-dim layers (~0.4B), packed 2048-token rows
+run=/tmp/gpu-mfu-run
+rm -rf "$run"
+step pretrain_mfu $py -m torch.distributed.run --nproc_per_node=1 --master_port=29731 \
+  -m loretta.pretrain --config tiny --run.run_dir="$run" --data.sources.0.path=/tmp/gpu-mfu-data \
+  --run.device=cuda --run.precision=bf16 --run.steps=40 --model.dim=2048 --model.n_layers=8 \
+  --model.n_heads=16 --model.n_kv_heads=8 --data.seq_len=2048 --data.micro_batch_size=8 \
+  --data.num_workers=2 --optim.lr=3e-4 --optim.warmup_steps=5 --logging.interval=10 \
+  --logging.wandb=disabled \
+  --logging.progress=never --checkpoint.interval=0
+cp "$run/metrics.jsonl" "$out/pretrain_mfu_metrics.jsonl" 2>/dev/null
+$py - "$run/metrics.jsonl" <<'EOF' | tee -a "$out/pretrain_mfu.txt"
+import json, sys
+recs = [json.loads(x) for x in open(sys.argv[1]) if x.strip()]
+start = next(r for r in recs if r.get("event") == "start")
+last = [r for r in recs if "mfu" in r][-1]
+keys = ("step", "loss", "tokens_per_s", "mfu", "step_time_s", "data_wait_frac",
+        "packing_efficiency", "mem_gpu_gb")
+print(json.dumps({**{k: last.get(k) for k in keys},
+                  **{k: start.get(k) for k in ("device", "peak_flops", "peak_source")}}))
+EOF
+
+echo "done: logs in $out/ (fail=$fail)"
+exit $fail

@@ -1,10 +1,11 @@
-"""Generated tokens/s for a transitive batch under two-process ZeRO-3 on the CPU:
+"""Generated tokens/s for a transitive batch under ZeRO-3 (two CPU processes, or the GPUs):
 naive (ZeRO-3 hooks gather every layer on every forward, no KV cache) vs ours (weights gathered
 once per generate call, KV-cached decoding), in one run; plus the share of a transitive training
 step's wall time spent generating. Last line: JSON with "ratio" (target >= 10) and
 "generation_share".
 
     python bench/transitive_generation.py [--dim 128 --layers 4 --prompts 16 --new 196]
+    python bench/transitive_generation.py --device cuda --dim 1024 --layers 8   # one process/GPU
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ def worker(out: Path, a: argparse.Namespace, overrides: list[str]) -> None:
     p = prepare(cfg, info)
     from loretta import engine as E
 
-    E.init_distributed(info, "gloo", 600)
+    E.init_distributed(info, "nccl" if p.device.type == "cuda" else "gloo", 600)
     eng = E.build_engine(cfg, p.ds_config, cfg.run.seed)
+    eng.module.set_backend(cfg.model.attn_backend, p.device)
     lay = p.layout
     c = lay["c"]
     g = torch.Generator().manual_seed(info.rank)
@@ -88,6 +90,7 @@ def worker(out: Path, a: argparse.Namespace, overrides: list[str]) -> None:
         E.barrier()
         t0 = time.perf_counter()
         batch = p.objective.prepare(batch, eng, i)
+        batch = {k: v.to(eng.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         t1 = time.perf_counter()
         logits = eng(batch["tokens"], batch["positions"], batch["doc_ids"])
         tl = cross_entropy_per_token(logits, batch["targets"])
@@ -114,6 +117,12 @@ def worker(out: Path, a: argparse.Namespace, overrides: list[str]) -> None:
         )
 
 
+def _device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name() if device == "cuda" else "cpu"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dim", type=int, default=128)
@@ -121,6 +130,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--new", type=int, default=196)  # an SVL-digits image: 14x14 tokens
     ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--worker", default="")
     a, rest = ap.parse_known_args()
     if a.worker:
@@ -136,12 +146,21 @@ def main() -> None:
         f"--run.run_dir={tmp / 'run'}",
         "--logging.wandb=disabled",
     ]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    nproc = 2
+    if a.device == "cuda":  # one process per GPU (at most 2), bf16
+        import torch
+
+        nproc = min(2, torch.cuda.device_count())
+        overrides += ["--run.device=cuda", "--run.precision=bf16"]
+        env.pop("DS_ACCELERATOR", None)
+    else:
+        env["DS_ACCELERATOR"] = "cpu"
     cmd = [
         sys.executable,
         "-m",
         "torch.distributed.run",
-        "--nproc_per_node=2",
+        f"--nproc_per_node={nproc}",
         "--master_addr=127.0.0.1",
         "--master_port=29811",
         __file__,
@@ -157,9 +176,15 @@ def main() -> None:
         str(a.new),
         "--steps",
         str(a.steps),
+        "--device",
+        a.device,
         *overrides,
     ]
-    subprocess.run(cmd, env=env, check=True, cwd=REPO, capture_output=True)
+    res = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+    if res.returncode != 0:
+        sys.exit(
+            f"worker failed (exit {res.returncode}):\n{res.stdout[-3000:]}{res.stderr[-5000:]}"
+        )
     r = json.loads((tmp / "result.json").read_text())
     print(f"naive: {r['naive_tokens_per_s']:9.1f} generated tokens/s ({r['naive_s']:.2f}s)")
     print(f"ours:  {r['ours_tokens_per_s']:9.1f} generated tokens/s ({r['ours_s']:.2f}s)")
@@ -173,8 +198,8 @@ def main() -> None:
                 "generation_share": round(r["generation_share"], 4),
                 "ours_tokens_per_s": round(r["ours_tokens_per_s"], 1),
                 "naive_tokens_per_s": round(r["naive_tokens_per_s"], 1),
-                "world_size": 2,
-                "device": "cpu",
+                "world_size": nproc,
+                "device": _device_name(a.device),
             }
         )
     )

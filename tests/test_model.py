@@ -195,9 +195,8 @@ def test_cuda_backends_agree_and_isolate_documents(backend: str, window: int | N
     m.backend = "eager"
     ref = m(ids, pos, doc)
     m.set_backend(backend, dev)
+    # fp32 inputs take the masked sdpa path (the kernels are half precision only): still correct
     for dtype, tol in ((torch.float32, 2e-3), (torch.bfloat16, 3e-2)):
-        if backend == "flash_attn" and dtype == torch.float32:
-            continue  # flash-attn kernels are half precision only
         with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
             out = m(ids, pos, doc).float()
         assert (out - ref).abs().max() / ref.abs().max() < tol
@@ -210,3 +209,65 @@ def test_cuda_backends_agree_and_isolate_documents(backend: str, window: int | N
         c2 = ids.clone()
         c2[:, 3] = (c2[:, 3] + 1) % 97
         assert torch.equal(m(c2, pos, doc)[:, :3], base[:, :3])  # causality
+
+
+# ---- the varlen adapter across torch releases (the kernel itself is CUDA-only) -------------------
+def _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, window=(-1, 0), gqa=False):  # type: ignore[no-untyped-def]
+    """varlen_attn's contract in plain torch: (N, h, hd) inputs, causal within each document."""
+    H, Hkv = q.shape[1], k.shape[1]
+    if H != Hkv:
+        assert gqa, "a kernel without enable_gqa needs equal head counts"
+        k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+    out = torch.empty_like(q)
+    for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+        i = torch.arange(b - a)
+        keep = i[:, None] >= i[None, :]
+        if window[0] >= 0:
+            keep &= i[:, None] - i[None, :] <= window[0]
+        s = (q[a:b].transpose(0, 1) @ k[a:b].transpose(0, 1).transpose(-2, -1)) / q.shape[-1] ** 0.5
+        p = s.masked_fill(~keep, float("-inf")).softmax(-1)
+        out[a:b] = (p @ v[a:b].transpose(0, 1)).transpose(0, 1)
+    return out
+
+
+def _kernel_2_10(q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal=False):  # type: ignore[no-untyped-def]
+    assert is_causal
+    return _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k)
+
+
+def _kernel_2_11(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1)):  # type: ignore[no-untyped-def]
+    return _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, window=window_size)
+
+
+def _kernel_2_14(q, k, v, cu_q, cu_k, max_q, max_k, *, window_size=(-1, -1), enable_gqa=False):  # type: ignore[no-untyped-def]
+    return _reference_varlen(q, k, v, cu_q, cu_k, max_q, max_k, window=window_size, gqa=enable_gqa)
+
+
+@pytest.mark.parametrize("kernel", [_kernel_2_10, _kernel_2_11, _kernel_2_14])
+@pytest.mark.parametrize("window", [None, 4])
+def test_varlen_adapter_matches_eager_on_each_torch_api(
+    kernel: object, window: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch's varlen_attn changed its keywords in 2.11 and again later (GQA); the adapter must
+    call each correctly. A bug here once crashed every CUDA run on torch 2.11."""
+    from loretta.model import attention as A
+
+    monkeypatch.setattr(A, "_varlen_fn", lambda: kernel)
+    A._varlen_params.cache_clear()
+    try:
+        cuda = torch.device("cuda")  # a device object only: nothing runs on it
+        ok, why = A.backend_available("varlen", cuda, window)
+        if kernel is _kernel_2_10 and window is not None:
+            assert not ok and "sliding window" in why
+            assert A.resolve_backend("auto", cuda, window) == "sdpa"
+            return
+        assert ok, why
+        m = make(sliding_window=window)
+        ids, pos, doc = packed()
+        m = m.to(torch.bfloat16)  # the kernels take half precision only (fp32 goes to sdpa)
+        m.backend = "eager"
+        ref = m(ids, pos, doc).float()
+        m.backend = "varlen"
+        assert (m(ids, pos, doc).float() - ref).abs().max() / ref.abs().max() < 3e-2
+    finally:
+        A._varlen_params.cache_clear()

@@ -12,7 +12,9 @@ FlashAttention/memory-efficient kernels on CUDA). ``varlen`` (torch.nn.attention
 
 from __future__ import annotations
 
+import functools
 import importlib.util
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -35,8 +37,18 @@ def _varlen_fn() -> Any:
     return varlen_attn
 
 
-def backend_available(name: str, device: torch.device) -> tuple[bool, str]:
-    """(available, reason if not) for backend `name` on `device`."""
+@functools.cache
+def _varlen_params() -> frozenset[str]:
+    """Keyword arguments of this torch's varlen_attn. Its API moved between releases: 2.10 takes
+    `is_causal`, 2.11 `window_size`, later releases also `enable_gqa`."""
+    fn = _varlen_fn()
+    return frozenset(inspect.signature(fn).parameters) if fn is not None else frozenset()
+
+
+def backend_available(
+    name: str, device: torch.device, window: int | None = None
+) -> tuple[bool, str]:
+    """(available, reason if not) for backend `name` on `device` (with a sliding `window`)."""
     if name in ("eager", "sdpa"):
         return True, ""
     if device.type != "cuda":
@@ -44,6 +56,11 @@ def backend_available(name: str, device: torch.device) -> tuple[bool, str]:
     if name == "varlen":
         if _varlen_fn() is None:
             return False, f"torch {torch.__version__} has no torch.nn.attention.varlen"
+        if window is not None and "window_size" not in _varlen_params():
+            return False, (
+                f"torch {torch.__version__}'s varlen_attn has no sliding window "
+                "(model.sliding_window is set; torch >= 2.11 has one)"
+            )
         return True, ""
     if name == "flash_attn":
         if importlib.util.find_spec("flash_attn") is None:
@@ -52,14 +69,14 @@ def backend_available(name: str, device: torch.device) -> tuple[bool, str]:
     return False, f"unknown backend {name!r}; choose one of {('auto', *BACKENDS)}"
 
 
-def resolve_backend(name: str, device: torch.device) -> str:
+def resolve_backend(name: str, device: torch.device, window: int | None = None) -> str:
     """'auto' -> the fastest available backend; an unavailable explicit choice is an error."""
     if name == "auto":
         for cand in ("flash_attn", "varlen", "sdpa"):
-            if backend_available(cand, device)[0]:
+            if backend_available(cand, device, window)[0]:
                 return cand
         return "sdpa"
-    ok, why = backend_available(name, device)
+    ok, why = backend_available(name, device, window)
     if not ok:
         raise AttentionBackendError(
             f"model.attn_backend={name!r} is not available: {why}. "
@@ -183,8 +200,18 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
-    fn = _varlen_fn()
-    return _over_documents(q, k, v, meta, fn, enable_gqa=q.shape[2] != k.shape[2])
+    fn, params = _varlen_fn(), _varlen_params()
+    H, Hkv = q.shape[2], k.shape[2]
+    kw: dict[str, Any] = {}
+    if H != Hkv:
+        if "enable_gqa" in params:
+            kw["enable_gqa"] = True
+        else:  # older kernels want as many K/V heads as query heads
+            k, v = k.repeat_interleave(H // Hkv, dim=2), v.repeat_interleave(H // Hkv, dim=2)
+    if "window_size" not in params:  # torch 2.10: causal flag, no window (refused at resolve)
+        kw["is_causal"] = True
+        return _over_documents(q, k, v, meta, fn, window_kw=False, **kw)
+    return _over_documents(q, k, v, meta, fn, **kw)
 
 
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
@@ -194,12 +221,21 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) ->
 
 
 def _over_documents(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta, fn: Any, **kw: Any
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    meta: AttnMeta,
+    fn: Any,
+    window_kw: bool = True,
+    **kw: Any,
 ) -> torch.Tensor:
     """A varlen kernel over the flattened documents: (B*T, h, hd) tensors + cu_seqlens."""
     if meta.cu_seqlens is None or meta.q_offset:
         return _sdpa(q, k, v, meta)  # KV-cache decode steps take the masked path
-    left = -1 if meta.window is None else meta.window - 1  # keys before the query
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return _sdpa(q, k, v, meta)  # the FlashAttention kernels are half precision only
+    if window_kw:  # causal as a window: (keys before the query, keys after it)
+        kw["window_size"] = (-1 if meta.window is None else meta.window - 1, 0)
     cu, mx = meta.cu_seqlens, meta.max_seqlen
-    out = fn(_flat(q), _flat(k), _flat(v), cu, cu, mx, mx, window_size=(left, 0), **kw)
+    out = fn(_flat(q), _flat(k), _flat(v), cu, cu, mx, mx, **kw)
     return out.reshape(q.shape)

@@ -209,7 +209,7 @@ class Decoder(nn.Module):
 
     # ---- forward ------------------------------------------------------------------------------
     def set_backend(self, name: str, device: torch.device) -> str:
-        self.backend = resolve_backend(name, device)
+        self.backend = resolve_backend(name, device, self.cfg.sliding_window)
         return self.backend
 
     def forward(
