@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -25,6 +26,13 @@ from loretta.dsconfig import offloads_optimizer
 from loretta.model import Decoder, DecoderConfig
 
 __all__ = ["Engine", "all_reduce_", "barrier", "broadcast_object", "build_engine"]
+
+# DeepSpeed's ZeRO-3 calls torch.distributed.all_gather_into_tensor / reduce_scatter_tensor,
+# deprecated in torch 2.14; the warning comes back on every step (other code mutating the
+# warning filters resets Python's once-per-location registry) and buries the training log.
+warnings.filterwarnings(
+    "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

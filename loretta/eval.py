@@ -299,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     z.add_argument("--prototypes", required=True, help="dataset with labelled samples of --to")
     z.add_argument("--per-class", type=int, default=1)
     z.add_argument("--limit", type=int, default=None)
+    z.add_argument(
+        "--scoring",
+        choices=["pmi", "plain"],
+        default="pmi",
+        help="pmi: log p(proto | input) - log p(proto) (default); plain: log p(proto | input)",
+    )
     pr = sub.add_parser("probe", help="linear probe on pooled hidden states")
     pr.add_argument("checkpoint")
     pr.add_argument("--train", required=True)
@@ -312,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--to", dest="dst", required=True)
     g.add_argument("-n", type=int, default=8)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0, help="0: no top-k; 1: greedy")
     for p in (z, pr, g):
         p.add_argument("--device", default="cpu")
     a = ap.parse_args(argv)
@@ -323,11 +331,13 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "zeroshot":
             items, y = labelled(a.data, [a.src], a.limit)
             protos = prototypes_from(a.prototypes, a.dst, a.per_class)
-            pred, _ = zero_shot(model, layout, [(a.src, s[a.src]) for s in items], protos)
+            conds = [(a.src, s[a.src]) for s in items]
+            pred, _ = zero_shot(model, layout, conds, protos, calibrate=a.scoring == "pmi")
             res: dict[str, Any] = {
                 "task": f"{a.src}->{a.dst}",
                 "accuracy": float((pred == y).mean()),
                 "n": len(y),
+                "scoring": a.scoring,
             }
         elif a.cmd == "probe":
             mods = a.modalities.split(",")
@@ -342,8 +352,9 @@ def main(argv: list[str] | None = None) -> int:
             }
         else:
             items, y = labelled(a.data, [a.src], a.n)
+            conds = [(a.src, s[a.src]) for s in items]
             outs = generate_modality(
-                model, layout, [(a.src, s[a.src]) for s in items], a.dst, a.seed
+                model, layout, conds, a.dst, a.seed, a.temperature, a.top_k or None
             )
             res = {
                 "task": f"generate {a.src}->{a.dst}",

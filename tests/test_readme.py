@@ -81,4 +81,43 @@ def test_demo_command_runs_scaled_down(tmp_path: Path) -> None:
         for r in rows
         for k in r
     )
-    assert "missing pair (image <-> speech) zero-shot accuracy, loretta" in res.stdout
+    assert "missing pair (image <-> speech) calibrated zero-shot accuracy, loretta" in res.stdout
+
+    # the evaluation and generation command on a checkpoint, in the missing direction
+    (data,) = (tmp_path / "data").iterdir()
+    ckpt = str(out / "loretta-seed0" / "checkpoints")
+
+    def cli(*args: str) -> dict[str, object]:
+        r = subprocess.run(
+            [str(BIN / "loretta-eval"), *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=REPO,
+            env=base_env(),
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        return dict(json.loads(r.stdout.strip().splitlines()[-1]))
+
+    gen = cli("generate", ckpt, "--data", str(data / "test"), "--from", "speech", "--to", "image")
+    layout = json.loads((data / "test" / "manifest.json").read_text())["layout"]
+    image = next(m for m in layout["modalities"] if m["name"] == "image")
+    assert len(gen["generated"]) == len(gen["labels"]) == 8  # type: ignore[arg-type]
+    for ids in gen["generated"]:  # type: ignore[attr-defined]
+        assert len(ids) == image["fixed_length"] and all(0 <= i < image["size"] for i in ids)
+    zs = cli(
+        "zeroshot",
+        ckpt,
+        "--data",
+        str(data / "test"),
+        "--from",
+        "image",
+        "--to",
+        "speech",
+        "--prototypes",
+        str(data / "ls"),
+        "--limit",
+        "20",
+    )
+    assert zs["task"] == "image->speech" and zs["n"] == 20 and zs["scoring"] == "pmi"
+    assert 0.0 <= float(zs["accuracy"]) <= 1.0  # type: ignore[arg-type]
