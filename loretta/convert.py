@@ -62,6 +62,7 @@ import torch
 import yaml
 
 from loretta.configlib import from_dict, to_dict
+from loretta.data.format import fsync_dir, replace_dir
 from loretta.errors import CheckpointError, DataError, LorettaError
 from loretta.model import Decoder
 from loretta.model import hf as hf_map
@@ -1064,29 +1065,11 @@ class ShardedWriter:
             self._file = None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _publish(tmp: Path, dst: Path, overwrite: bool) -> None:
     """Rename the finished folder into place; an existing DST (with overwrite) is replaced."""
-    if dst.exists() or dst.is_symlink():
-        if not overwrite:
-            raise CheckpointError(f"{dst} exists; pass --overwrite to replace it")
-        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
-        os.replace(dst, old)
-        os.replace(tmp, dst)
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink()
-    else:
-        os.replace(tmp, dst)
-    _fsync_dir(dst.parent)
+    if (dst.exists() or dst.is_symlink()) and not overwrite:
+        raise CheckpointError(f"{dst} exists; pass --overwrite to replace it")
+    replace_dir(tmp, dst)
 
 
 def _progress(total: int, desc: str, enabled: bool | None) -> Any:
@@ -1154,7 +1137,7 @@ def convert(
                     bar.update(t.numel() * t.element_size())
             writer.close()
             _write_side_files(tmp, source, hf, out_dtype or plan[0].dtype)
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
             _publish(tmp, dst, overwrite)
         except BaseException:
             writer.abort()

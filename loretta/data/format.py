@@ -15,12 +15,16 @@ fetches any sample with one slice of a memory-mapped shard.
 from __future__ import annotations
 
 import ast
+import contextlib
 import hashlib
 import io
 import json
 import os
+import shutil
 import tarfile
 import tempfile
+import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,6 +161,48 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename inside `path` durable (best effort: some filesystems refuse)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def replace_dir(tmp: Path, dst: Path) -> None:
+    """Rename the finished folder `tmp` to `dst`. An existing `dst` (folder, file or link) is
+    first renamed aside and removed only once `tmp` is in place: at every moment `dst` is either
+    the old or the new content. Callers decide whether an existing `dst` may be replaced."""
+    if dst.exists() or dst.is_symlink():
+        old = dst.with_name(f".{dst.name}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(dst, old)
+        os.replace(tmp, dst)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
+    else:
+        os.replace(tmp, dst)
+    fsync_dir(dst.parent)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """An exclusive advisory lock on `path` (created if missing) for this block."""
+    import fcntl
+
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _umask() -> int:

@@ -59,9 +59,11 @@ from loretta.data.format import (
     atomic_write_bytes,
     atomic_write_json,
     check_ids,
+    file_lock,
+    load_index,
+    replace_dir,
     sha256_file,
     token_dtype,
-    load_index,
 )
 from loretta.data.shards import (
     Sample,
@@ -171,19 +173,6 @@ def _stored_name(entry: dict[str, Any]) -> str:
     return str((entry.get("zip_data") or entry["raw_data"])["basename"])
 
 
-def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
-    if out.exists():
-        if not overwrite:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise DataError(f"{out} appeared while writing; not replacing it")
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
 def to_mds(
     src: str | Path,
     dst: str | Path,
@@ -277,7 +266,9 @@ def to_mds(
         d["index"]["file"] = MDS_INDEX
         d["converted_from"] = src_s
         atomic_write_json(tmp / "manifest.json", d)
-        _move_into_place(tmp, out, overwrite)
+        if out.exists() and not overwrite:
+            raise DataError(f"{out} appeared while writing; not replacing it")
+        replace_dir(tmp, out)
         return manifest
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -416,13 +407,8 @@ def _world_env(mode: str) -> dict[str, str]:
 def _solo_lock() -> Iterator[None]:
     """Serialise one-process constructions on this machine: each registers its own prefix, and
     two scanning at once would pick the same one."""
-    path = os.path.join(tempfile.gettempdir(), "loretta-mds-open.lock")
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with file_lock(os.path.join(tempfile.gettempdir(), "loretta-mds-open.lock")):
+        yield
 
 
 def _construct(remote: str | None, local: str, mode: str, where: str) -> Any:

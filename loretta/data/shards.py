@@ -36,6 +36,7 @@ from loretta.data.format import (
     load_index,
     npy_bytes,
     parse_npy,
+    replace_dir,
     scan_shard,
     sha256_file,
     token_dtype,
@@ -203,16 +204,10 @@ def _commit(
     np.save(tmp / "index.npy", index)
     manifest = Manifest(layout, infos, sha256_file(tmp / "index.npy"), meta=meta)
     atomic_write_json(tmp / "manifest.json", manifest.to_dict())
-    if out.exists():
-        if not overwrite:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise DataError(f"{out} appeared while writing; not replacing it")
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+    if out.exists() and not overwrite:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(f"{out} appeared while writing; not replacing it")
+    replace_dir(tmp, out)
     return manifest
 
 

@@ -28,14 +28,13 @@ versions of the data packages).
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
 import json
 import logging
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -45,7 +44,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from loretta.configlib import apply_overrides, from_dict, to_dict
-from loretta.data.format import atomic_write_bytes, atomic_write_json
+from loretta.data.format import atomic_write_bytes, atomic_write_json, file_lock
 from loretta.data.shards import Sample, _read_manifest_file, write_dataset
 from loretta.demo import espeak, texts, vision
 from loretta.demo.speech import (
@@ -319,7 +318,7 @@ def build_svl_digits(
     fp = fingerprint(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    with _locked(out / LOCK_FILE):
+    with file_lock(out / LOCK_FILE):
         if not force and _cache_hit(out, cfg, fp):
             log.info("SVL-digits: %s is up to date (fingerprint %s)", out, fp)
             return _paths(out, cfg, built=False)
@@ -335,18 +334,6 @@ def _paths(out: Path, cfg: SvlDigitsConfig, built: bool) -> SvlPaths:
     return SvlPaths(
         out, {s: out / s for s in cfg.splits}, out / TOKENIZER_FILE, out / META_FILE, built
     )
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    import fcntl
-
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _cache_hit(out: Path, cfg: SvlDigitsConfig, fp: str) -> bool:

@@ -32,7 +32,7 @@ import yaml
 
 from loretta.config import TrainConfig, config_from_dict
 from loretta.configlib import to_dict
-from loretta.data.format import atomic_write_bytes, atomic_write_json
+from loretta.data.format import atomic_write_bytes, atomic_write_json, fsync_dir, replace_dir
 from loretta.errors import CheckpointError
 from loretta.vocab import VocabLayout
 
@@ -191,16 +191,8 @@ def save_checkpoint(
         atomic_write_json(tmp / "layout.json", layout.to_dict())
         full = dict(state, step=step, world_size=world, version=FORMAT_VERSION, complete=True)
         atomic_write_json(tmp / "state.json", full)
-        _fsync_dir(tmp)
-        if final.exists():  # same step saved by an earlier attempt: replace it
-            old = root / f".{final.name}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(tmp)
+        replace_dir(tmp, final)  # the same step saved by an earlier attempt is replaced
         atomic_write_bytes(root / "latest", (final.name + "\n").encode())
         prune(root, keep_last)
     barrier()
@@ -222,14 +214,3 @@ def load_rng(folder: Path, rank: int, world: int) -> bool:
         return False
     set_rng_state(torch.load(f, weights_only=False))
     return True
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
