@@ -42,6 +42,13 @@ def base_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def reference_stream(cfg: Any) -> Any:
+    """The global stream of rows for `cfg`, computed in this one process from its start."""
+    from loretta.data.loader import global_stream, open_sources
+
+    return global_stream(cfg, *open_sources(cfg.data, cfg.run.seed))[0]
+
+
 def tiny_overrides(tmp: Path, steps: int = 30, data: Path | None = None, **more: Any) -> list[str]:
     """Overrides that keep a tiny run inside `tmp` (shared synthetic data when given)."""
     o = {

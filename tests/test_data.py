@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from helpers import reference_stream
 
 from loretta.config import SequenceConfig, load_config
-from loretta.data.loader import GlobalStream, build_loader, open_sources, source_metas
+from loretta.data.loader import build_loader, open_sources
 from loretta.data.sequences import IGNORE, SequenceBuilder
 from loretta.data.shards import ShardDataset, write_dataset
 from loretta.errors import DataError
@@ -57,20 +58,6 @@ def cfg_for(paths: list[Path], weights: list[float] | None = None, **over: Any) 
         for i, p in enumerate(paths)
     ]
     return cfg
-
-
-def stream_for(cfg: Any) -> GlobalStream:
-    datasets, layout = open_sources(cfg.data, cfg.run.seed)
-    b = SequenceBuilder(layout, cfg.data.sequence, cfg.data.seq_len, cfg.run.seed)
-    return GlobalStream(
-        source_metas(cfg.data, datasets),
-        b,
-        cfg.run.seed,
-        cfg.data.pack_lookahead,
-        cfg.data.on_error,
-        cfg.data.max_skipped,
-        cfg.data.mix_by,
-    )
 
 
 # ---- format ------------------------------------------------------------------------------------
@@ -174,7 +161,7 @@ def test_truncation_keeps_modality_tokens_with_content() -> None:
 def test_every_sample_once_per_epoch_pure(two_sources: tuple[Path, Path], world: int) -> None:
     """Ranks take disjoint slices of the global rows; together each epoch is a permutation."""
     cfg = cfg_for([two_sources[0]])
-    stream = stream_for(cfg)
+    stream = reference_stream(cfg)
     B = cfg.data.micro_batch_size
     per_rank: list[list[tuple[int, int]]] = [[] for _ in range(world)]
     while stream.cursors[0].epoch < 2:
@@ -198,7 +185,7 @@ def test_every_sample_once_through_dataloader_workers(
         it = iter(loader)
         docs_by_rank.append([next(it)["docs"] for _ in range(groups)])
     # reference: the same stream computed in one process
-    ref = stream_for(cfg)
+    ref = reference_stream(cfg)
     B = cfg.data.micro_batch_size
     for g in range(groups):
         rows = [ref.next_row() for _ in range(B * world)]
@@ -222,7 +209,7 @@ def test_rows_do_not_depend_on_worker_count(two_sources: tuple[Path, Path]) -> N
 
 # ---- mixing ------------------------------------------------------------------------------------
 def realised(cfg: Any, min_tokens: int = 100_000) -> np.ndarray:
-    stream = stream_for(cfg)
+    stream = reference_stream(cfg)
     tokens = np.zeros(2)
     while tokens.sum() < min_tokens:
         for d in stream.next_row():
@@ -246,7 +233,7 @@ def test_sample_weighted_mixing_differs_with_unequal_lengths(
 
 
 def test_small_source_is_upsampled_by_epochs(two_sources: tuple[Path, Path]) -> None:
-    stream = stream_for(cfg_for(list(two_sources), [0.5, 0.5]))
+    stream = reference_stream(cfg_for(list(two_sources), [0.5, 0.5]))
     for _ in range(1000):
         stream.next_row()
     # the short source (fewer tokens) runs through more epochs for the same token share
@@ -254,7 +241,7 @@ def test_small_source_is_upsampled_by_epochs(two_sources: tuple[Path, Path]) -> 
 
 
 def test_packing_efficiency_and_no_split_documents(two_sources: tuple[Path, Path]) -> None:
-    stream = stream_for(cfg_for(list(two_sources)))
+    stream = reference_stream(cfg_for(list(two_sources)))
     rows = [stream.next_row() for _ in range(200)]
     used = [sum(d.length for d in row) for row in rows]
     assert max(used) <= 128
@@ -281,7 +268,7 @@ def test_resume_identity(two_sources: tuple[Path, Path], stop: int) -> None:
 @pytest.mark.parametrize(("old", "new"), [(2, 4), (4, 2)])
 def test_elastic_resume_audit(two_sources: tuple[Path, Path], old: int, new: int) -> None:
     cfg = cfg_for(list(two_sources), [0.5, 0.5])
-    reference = stream_for(cfg)
+    reference = reference_stream(cfg)
     B = cfg.data.micro_batch_size
     stop_groups, after_groups = 3, 4
     consumed = []
@@ -338,7 +325,7 @@ def test_missing_modality_policy(tmp_path: Path) -> None:
     ):
         _loader_batches(cfg, 2)
     cfg.data.on_error = "skip"
-    stream = stream_for(cfg)
+    stream = reference_stream(cfg)
     for _ in range(20):
         for d in stream.next_row():
             assert d.sample % 2 == 1  # only samples with both modalities

@@ -12,7 +12,6 @@ import shlex
 import shutil
 import subprocess
 import tarfile
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,6 +29,9 @@ from loretta.data.shards import ShardDataset, write_dataset
 from loretta.data.tools import main, parse_size
 from loretta.vocab import VocabLayout
 
+# streaming keeps file locks in the temp dir: a private one (conftest.private_tmpdir)
+pytestmark = pytest.mark.usefixtures("private_tmpdir")
+
 LAYOUT = VocabLayout.build({"image": 256, "text": 1000}, fixed_lengths={"image": 16})
 Cli = Callable[..., tuple[int, str, str]]
 
@@ -44,17 +46,6 @@ def cli(capsys: pytest.CaptureFixture[str]) -> Cli:
         return rc, out, err
 
     return run
-
-
-@pytest.fixture(autouse=True)
-def private_tmpdir(
-    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """streaming (to-mds, MDS inspect/verify) keeps file locks in the temp dir: use our own."""
-    tmp = tmp_path_factory.getbasetemp() / "streaming-tmp"
-    tmp.mkdir(exist_ok=True)
-    monkeypatch.setenv("TMPDIR", str(tmp))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
 
 
 def samples(n: int = 30) -> list[dict[str, Any]]:

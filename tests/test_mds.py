@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -14,15 +13,17 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import base_env, losses, tiny_overrides, torchrun
+from helpers import base_env, losses, reference_stream, tiny_overrides, torchrun
 
 from loretta.config import SourceConfig, load_config
-from loretta.data.loader import ROW_FIELDS, GlobalStream, build_loader, open_sources, source_metas
+from loretta.data.loader import ROW_FIELDS, build_loader
 from loretta.data.mds import MDS_INDEX, MdsDataset, from_mds, to_mds
-from loretta.data.sequences import SequenceBuilder
 from loretta.data.shards import ShardDataset, open_dataset, write_dataset
 from loretta.errors import DataError
 from loretta.vocab import VocabLayout
+
+# streaming keeps file locks in the temp dir: a private one (conftest.private_tmpdir)
+pytestmark = pytest.mark.usefixtures("private_tmpdir")
 
 # 'big' needs int32 ids (more than 65,536): both column dtypes are exercised
 LAYOUT = VocabLayout.build({"a": 50, "b": 70, "big": 70_000})
@@ -42,18 +43,6 @@ def samples(n: int, seed: int = 0) -> list[dict[str, Any]]:
             s["big"] = rng.integers(0, 70_000, int(rng.integers(1, 9)))
         out.append(s)
     return out
-
-
-@pytest.fixture(autouse=True)
-def private_tmpdir(
-    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
-) -> Path:
-    """streaming keeps file locks in the temp dir: keep ours away from other jobs on the machine."""
-    tmp = tmp_path_factory.getbasetemp() / "streaming-tmp"
-    tmp.mkdir(exist_ok=True)
-    monkeypatch.setenv("TMPDIR", str(tmp))
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
-    return tmp
 
 
 @pytest.fixture(scope="module")
@@ -166,14 +155,7 @@ def test_every_sample_once_over_mds(pair: tuple[Path, Path]) -> None:
     cfg = cfg_for(pair[1], **{"data.num_workers": 2})
     B, world, groups = cfg.data.micro_batch_size, 2, 16
     got = [batches(cfg, r, world, groups) for r in range(world)]
-    datasets, layout = open_sources(cfg.data, cfg.run.seed)
-    d = cfg.data
-    ref = GlobalStream(
-        source_metas(d, datasets),
-        SequenceBuilder(layout, d.sequence, d.seq_len, cfg.run.seed),
-        cfg.run.seed,
-        d.pack_lookahead,
-    )
+    ref = reference_stream(cfg)
     consumed: Counter[tuple[int, int]] = Counter()
     for g in range(groups):
         rows = [ref.next_row() for _ in range(B * world)]
@@ -288,14 +270,7 @@ def test_torchrun_two_ranks_train_on_mds(tmp_path: Path, tiny_data: Path) -> Non
         for line in (run / "audit" / f"rank{r:05d}.jsonl").read_text().splitlines():
             consumed.update(tuple(d) for d in json.loads(line)["docs"])
     cfg = load_config("tiny", [f"--data.sources.0.path={tiny_data}"])
-    datasets, layout = open_sources(cfg.data, cfg.run.seed)
-    d = cfg.data
-    ref = GlobalStream(
-        source_metas(d, datasets),
-        SequenceBuilder(layout, d.sequence, d.seq_len, cfg.run.seed),
-        cfg.run.seed,
-        d.pack_lookahead,
-    )
-    rows = steps * cfg.optim.grad_accum_steps * d.micro_batch_size * 2
+    ref = reference_stream(cfg)
+    rows = steps * cfg.optim.grad_accum_steps * cfg.data.micro_batch_size * 2
     expect = Counter((x.source, x.sample, x.epoch) for _ in range(rows) for x in ref.next_row())
     assert consumed == expect

@@ -15,6 +15,7 @@ from helpers import (
     losses,
     losses_after_last_start,
     metrics,
+    reference_stream,
     spawn_torchrun,
     tiny_overrides,
     torchrun,
@@ -108,8 +109,6 @@ def test_resume_at_another_world_size_repeats_and_skips_nothing(
     tmp_path: Path, tiny_data: Path
 ) -> None:
     from loretta.config import load_config
-    from loretta.data.loader import GlobalStream, open_sources, source_metas
-    from loretta.data.sequences import SequenceBuilder
 
     first = args(tmp_path, tiny_data, **{"run.steps": 10, "checkpoint.interval": 0})
     torchrun(2, first)
@@ -122,9 +121,7 @@ def test_resume_at_another_world_size_repeats_and_skips_nothing(
             consumed += [tuple(d) for d in json.loads(line)["docs"]]
     # reference: the global stream computed in one process
     cfg = load_config("tiny", tiny_overrides(tmp_path, data=tiny_data))
-    datasets, layout = open_sources(cfg.data, cfg.run.seed)
-    b = SequenceBuilder(layout, cfg.data.sequence, cfg.data.seq_len, cfg.run.seed)
-    stream = GlobalStream(source_metas(cfg.data, datasets), b, 0, cfg.data.pack_lookahead)
+    stream = reference_stream(cfg)
     rows = 8 * (2 * 10 + 4 * 4)
     expect = [(d.source, d.sample, d.epoch) for _ in range(rows) for d in stream.next_row()]
     assert sorted(consumed) == sorted(expect)

@@ -260,6 +260,30 @@ def source_metas(cfg: DataConfig, datasets: list[Any]) -> list[SourceMeta]:
     return metas
 
 
+def global_stream(
+    cfg: TrainConfig,
+    datasets: list[Any],
+    layout: VocabLayout,
+    world: int = 1,
+    planner_factory: PlannerFactory | None = None,
+) -> tuple[GlobalStream, SequenceBuilder]:
+    """The global stream of rows for `cfg` from its start (every rank slices this one)."""
+    d = cfg.data
+    builder = SequenceBuilder(layout, d.sequence, d.seq_len, cfg.run.seed)
+    planner = planner_factory(datasets, builder, world) if planner_factory is not None else None
+    stream = GlobalStream(
+        source_metas(d, datasets),
+        builder,
+        cfg.run.seed,
+        d.pack_lookahead,
+        d.on_error,
+        d.max_skipped,
+        d.mix_by,
+        planner,
+    )
+    return stream, builder
+
+
 class RankStream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
     """One rank's batches: rows of the global stream, materialised by this rank's workers."""
 
@@ -277,20 +301,8 @@ class RankStream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
         self.datasets, self.layout = open_sources(cfg.data, cfg.run.seed)
 
     def make_stream(self) -> tuple[GlobalStream, SequenceBuilder]:
-        d = self.cfg.data
-        builder = SequenceBuilder(self.layout, d.sequence, d.seq_len, self.cfg.run.seed)
-        planner = None
-        if self.planner_factory is not None:
-            planner = self.planner_factory(self.datasets, builder, self.world)
-        stream = GlobalStream(
-            source_metas(d, self.datasets),
-            builder,
-            self.cfg.run.seed,
-            d.pack_lookahead,
-            d.on_error,
-            d.max_skipped,
-            d.mix_by,
-            planner,
+        stream, builder = global_stream(
+            self.cfg, self.datasets, self.layout, self.world, self.planner_factory
         )
         if self.state is not None:
             stream.load_state_dict(self.state)
