@@ -250,9 +250,18 @@ def test_varlen_adapter_matches_eager_on_each_torch_api(
 ) -> None:
     """torch's varlen_attn changed its keywords in 2.11 and again later (GQA); the adapter must
     call each correctly. A bug here once crashed every CUDA run on torch 2.11."""
+    import functools
+
     from loretta.model import attention as A
 
-    monkeypatch.setattr(A, "_varlen_fn", lambda: kernel)
+    calls = []
+
+    @functools.wraps(kernel)  # type: ignore[arg-type]
+    def counted(*args, **kw):  # type: ignore[no-untyped-def]
+        calls.append(args[0].dtype)
+        return kernel(*args, **kw)  # type: ignore[operator]
+
+    monkeypatch.setattr(A, "_varlen_fn", lambda: counted)
     A._varlen_params.cache_clear()
     try:
         cuda = torch.device("cuda")  # a device object only: nothing runs on it
@@ -269,5 +278,9 @@ def test_varlen_adapter_matches_eager_on_each_torch_api(
         ref = m(ids, pos, doc).float()
         m.backend = "varlen"
         assert (m(ids, pos, doc).float() - ref).abs().max() / ref.abs().max() < 3e-2
+        assert calls and set(calls) == {torch.bfloat16}  # the kernel ran, once per layer
+        n = len(calls)
+        m.float()(ids, pos, doc)  # fp32: the masked sdpa path, not the kernel
+        assert len(calls) == n
     finally:
         A._varlen_params.cache_clear()

@@ -200,42 +200,51 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def _varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
-    fn, params = _varlen_fn(), _varlen_params()
-    H, Hkv = q.shape[2], k.shape[2]
+    if not _kernel_applies(q, meta):
+        return _sdpa(q, k, v, meta)
+    params = _varlen_params()
     kw: dict[str, Any] = {}
+    H, Hkv = q.shape[2], k.shape[2]
     if H != Hkv:
         if "enable_gqa" in params:
             kw["enable_gqa"] = True
         else:  # older kernels want as many K/V heads as query heads
             k, v = k.repeat_interleave(H // Hkv, dim=2), v.repeat_interleave(H // Hkv, dim=2)
-    if "window_size" not in params:  # torch 2.10: causal flag, no window (refused at resolve)
+    if "window_size" in params:
+        kw["window_size"] = _causal_window(meta)
+    else:  # torch 2.10: a causal flag and no window (a window is refused at resolve time)
         kw["is_causal"] = True
-        return _over_documents(q, k, v, meta, fn, window_kw=False, **kw)
-    return _over_documents(q, k, v, meta, fn, **kw)
+    return _over_documents(q, k, v, meta, _varlen_fn(), **kw)
 
 
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+    if not _kernel_applies(q, meta):
+        return _sdpa(q, k, v, meta)
     from flash_attn import flash_attn_varlen_func  # optional GPU extra, imported lazily
 
-    return _over_documents(q, k, v, meta, flash_attn_varlen_func, causal=True)
+    kw = {"causal": True, "window_size": _causal_window(meta)}
+    return _over_documents(q, k, v, meta, flash_attn_varlen_func, **kw)
+
+
+def _kernel_applies(q: torch.Tensor, meta: AttnMeta) -> bool:
+    """The varlen kernels take packed prefill in half precision; KV-cache decode steps and fp32
+    inputs take the masked sdpa path instead."""
+    return (
+        meta.cu_seqlens is not None
+        and not meta.q_offset
+        and q.dtype in (torch.float16, torch.bfloat16)
+    )
+
+
+def _causal_window(meta: AttnMeta) -> tuple[int, int]:
+    """Causal attention as a window: (keys before the query, keys after it); -1 = unbounded."""
+    return (-1 if meta.window is None else meta.window - 1, 0)
 
 
 def _over_documents(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    meta: AttnMeta,
-    fn: Any,
-    window_kw: bool = True,
-    **kw: Any,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta, fn: Any, **kw: Any
 ) -> torch.Tensor:
     """A varlen kernel over the flattened documents: (B*T, h, hd) tensors + cu_seqlens."""
-    if meta.cu_seqlens is None or meta.q_offset:
-        return _sdpa(q, k, v, meta)  # KV-cache decode steps take the masked path
-    if q.dtype not in (torch.float16, torch.bfloat16):
-        return _sdpa(q, k, v, meta)  # the FlashAttention kernels are half precision only
-    if window_kw:  # causal as a window: (keys before the query, keys after it)
-        kw["window_size"] = (-1 if meta.window is None else meta.window - 1, 0)
     cu, mx = meta.cu_seqlens, meta.max_seqlen
     out = fn(_flat(q), _flat(k), _flat(v), cu, cu, mx, mx, **kw)
     return out.reshape(q.shape)
