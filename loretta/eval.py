@@ -23,23 +23,7 @@ import torch.nn.functional as F
 
 from loretta.model import Decoder, KVCache
 from loretta.model.generate import SamplingConfig, generate
-from loretta.vocab import VocabLayout
-
-Part = tuple[str, np.ndarray]  # (modality name, local ids)
-
-
-def encode(
-    layout: VocabLayout, parts: Sequence[Part], bos: bool = True, open_: str | None = None
-) -> np.ndarray:
-    """[bos] <a> A <b> B ... [<open_>]: global ids of a document (or a prompt ending in a
-    modality token that asks for `open_`)."""
-    out: list[np.ndarray] = [np.array([layout.bos_id])] if bos else []
-    for name, ids in parts:
-        m = layout[name]
-        out += [np.array([m.token_id]), np.asarray(ids, dtype=np.int64) + m.offset]
-    if open_ is not None:
-        out.append(np.array([layout[open_].token_id]))
-    return np.concatenate(out).astype(np.int64)
+from loretta.vocab import Part, VocabLayout, encode
 
 
 def _pad(seqs: list[np.ndarray], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,23 +186,6 @@ def token_features(layout: VocabLayout, name: str, seqs: Sequence[np.ndarray]) -
     for i, s in enumerate(seqs):
         np.add.at(out[i], np.asarray(s, dtype=np.int64), 1.0)
     return out
-
-
-def generate_and_classify(
-    model: Decoder,
-    layout: VocabLayout,
-    items: Sequence[Part],
-    target: str,
-    train_targets: Sequence[np.ndarray],
-    train_labels: np.ndarray,
-    seed: int = 0,
-    max_tokens: int | None = None,
-) -> np.ndarray:
-    """Zero-shot by generation: sample `target` from each item, then label the sample with a
-    linear classifier trained on real `target` data. Returns predicted labels."""
-    predict = fit_linear(token_features(layout, target, train_targets), train_labels)
-    gen = generate_modality(model, layout, items, target, seed=seed, max_tokens=max_tokens)
-    return np.asarray(predict(token_features(layout, target, gen)))
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ from loretta.data.sequences import IGNORE, Block, DocPlan, SequenceBuilder, mix6
 from loretta.errors import ConfigError
 from loretta.model.generate import SamplingConfig, generate
 from loretta.objectives import Objective
-from loretta.vocab import VocabLayout
+from loretta.vocab import VocabLayout, encode
 
 
 @dataclass(frozen=True)
@@ -165,15 +165,10 @@ class TransitiveObjective(Objective):
     def prompt(self, modality: int, ids: np.ndarray, target: int) -> torch.Tensor:
         """[bos] <m> ids <target>: global ids of a generation prompt (ids are local)."""
         lay, seq = self.layout, self.cfg.data.sequence
-        m = lay.modalities[modality]
-        cap = seq.max_tokens.get(m.name, len(ids))
-        head = [lay.bos_id] if seq.add_bos else []
-        body = ids[:cap].astype(np.int64) + m.offset
-        return torch.from_numpy(
-            np.concatenate([head, [m.token_id], body, [lay.modalities[target].token_id]]).astype(
-                np.int64
-            )
-        )
+        name = lay.modalities[modality].name
+        cap = seq.max_tokens.get(name, len(ids))
+        parts = [(name, ids[:cap])]
+        return torch.from_numpy(encode(lay, parts, seq.add_bos, lay.modalities[target].name))
 
     def sampling(self, modality: int, n: int) -> SamplingConfig:
         m, g = self.layout.modalities[modality], self.cfg.objective.generation

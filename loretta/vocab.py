@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -205,3 +206,20 @@ class VocabLayout:
             "Token ids would mean different things; rebuild the data with the same layout "
             "or start a new run from scratch."
         )
+
+
+Part = tuple[str, np.ndarray]  # (modality name, local ids)
+
+
+def encode(
+    layout: VocabLayout, parts: Sequence[Part], bos: bool = True, open_: str | None = None
+) -> np.ndarray:
+    """[bos] <a> A <b> B ... [<open_>]: global ids of a document (or a prompt ending in a
+    modality token that asks for `open_`)."""
+    out: list[np.ndarray] = [np.array([layout.bos_id])] if bos else []
+    for name, ids in parts:
+        m = layout[name]
+        out += [np.array([m.token_id]), np.asarray(ids, dtype=np.int64) + m.offset]
+    if open_ is not None:
+        out.append(np.array([layout[open_].token_id]))
+    return np.concatenate(out).astype(np.int64)
