@@ -34,6 +34,7 @@ import numpy as np
 from loretta.data.format import (
     KEY_BYTES,
     Manifest,
+    atomic_write_json,
     check_ids,
     index_dtype,
     parse_npy,
@@ -305,7 +306,7 @@ def cmd_layout(a: argparse.Namespace) -> int:
         fixed[name] = n
     layout = VocabLayout.build(sizes, fixed_lengths=fixed)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(layout.to_dict(), indent=1) + "\n")
+    atomic_write_json(out, layout.to_dict())
     print(f"wrote {out}: {describe_layout(layout)}")
     return 0
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from loretta.configlib import to_dict
+from loretta.data.format import replace_dir
 
 METHODS: dict[str, list[str]] = {
     # one direction per pair: image -> text and text -> speech
@@ -261,15 +263,15 @@ def loss_plot(runs: dict[str, Path], out: Path) -> None:
     )
     for ax, (method, run) in zip(axes[0], runs.items()):
         rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-        last = max(i for i, r in enumerate(rows) if r.get("event") == "start")
-        rows = [r for r in rows if "loss" in r and "event" not in r]
+        # a resumed run logs the steps after its checkpoint again: keep each step's last record
+        by_step = {r["step"]: r for r in rows if "loss" in r and "event" not in r}
+        rows = [by_step[s] for s in sorted(by_step)]
         keys = sorted({k for r in rows for k in r if k.startswith("loss/dir/") and "->" in k})
         for k in keys:
             pts = [(r["step"], r[k]) for r in rows if k in r]
             ax.plot(*zip(*pts), label=k.removeprefix("loss/dir/"), lw=1)
         ax.set_title(method)
         ax.set_xlabel("step")
-        del last
     axes[0][0].set_ylabel("loss per direction (nats/token)")
     for ax in axes[0]:
         ax.legend(fontsize=6)
@@ -426,8 +428,10 @@ def run(
             results[m].append(evaluate(ckpt, data, preset))
             runs.setdefault(m, run_dir)
     summary = summarise(results)
-    report = out / "report"
-    report.mkdir(parents=True, exist_ok=True)
+    # the report is written whole into a temp folder, then renamed over the previous one
+    report = out / ".report.tmp"
+    shutil.rmtree(report, ignore_errors=True)
+    report.mkdir(parents=True)
     loss_plot(runs, report / "loss_per_direction.png")
     accuracy_plot(summary, report / "accuracy.png")
     gen_from = "loretta" if "loretta" in runs else next(iter(runs))
@@ -450,6 +454,7 @@ def run(
     }
     (report / "metrics.json").write_text(json.dumps(metrics, indent=1))
     write_report(report, summary, meta)
+    replace_dir(report, out / "report")
     return metrics
 
 
