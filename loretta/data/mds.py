@@ -218,7 +218,8 @@ def _construct(remote: str | None, local: str, mode: str, where: str) -> Any:
 
 
 class MdsDataset:
-    """Random access to an MDS dataset written by `to_mds`, by global sample index (0..n-1).
+    """Random access to an MDS dataset written by `to_mds` (or adopted with `adopt_mds`), by
+    global sample index (0..n-1).
 
     `path` is a local folder (read in place) or a URL that mosaicml-streaming reads (s3://,
     gs://, ..., or file:///path), whose shards are downloaded into `cache_dir` on first use.
@@ -248,6 +249,9 @@ class MdsDataset:
             )
         self.layout = self.manifest.layout
         self.shard_counts = [s.samples for s in self.manifest.shards]
+        # how to rebuild what loretta wrote beside the shards: re-adopt or re-convert
+        adopted = "adopted_mds" in self.manifest.meta
+        self._fix = f"`loretta-shards index {self.path}`" if adopted else "`loretta-shards to-mds`"
         self._load_index()
         self.lengths = np.ascontiguousarray(self.index["length"])  # (n, M) tokens per modality
         self._check_streaming_index()
@@ -264,7 +268,7 @@ class MdsDataset:
     # ---- checks --------------------------------------------------------------------------------
     def _load_index(self) -> None:
         dtype = mds_index_dtype(len(self.layout.names))
-        fix = "`loretta-shards to-mds` (re-convert the dataset)"
+        fix = self._fix
         self.index = load_index(self.local / MDS_INDEX, dtype, self.manifest, self.path, fix)
 
     def _check_streaming_index(self) -> None:
@@ -280,7 +284,7 @@ class MdsDataset:
             )
             raise DataError(
                 f"{p} disagrees with manifest.json ({diff}); the folder was modified after "
-                "conversion: re-convert with `loretta-shards to-mds`"
+                f"conversion: rebuild with {self._fix}"
             )
 
     def _check_shard_files(self) -> None:
@@ -288,8 +292,8 @@ class MdsDataset:
             f = self.local / s.name
             if not f.exists():
                 raise DataError(
-                    f"{f}: shard listed in the manifest is missing; restore it or re-convert "
-                    "with `loretta-shards to-mds`"
+                    f"{f}: shard listed in the manifest is missing; restore it or rebuild "
+                    f"with {self._fix}"
                 )
             if f.stat().st_size != s.bytes:
                 raise DataError(
@@ -325,7 +329,7 @@ class MdsDataset:
                 raise DataError(
                     f"{self.path}: streaming reads {sd.num_samples} samples in shards of "
                     f"{[len(s) for s in sd.shards][:8]}... but the manifest lists {len(self)} in "
-                    f"{self.shard_counts[:8]}...; re-convert with `loretta-shards to-mds`"
+                    f"{self.shard_counts[:8]}...; rebuild with {self._fix}"
                 )
         self._sd = sd
         return sd
@@ -385,7 +389,7 @@ class MdsDataset:
             got = s.get("key") if isinstance(s, dict) else type(s).__name__
             raise DataError(
                 f"{self.where(i)}: streaming returned sample {got!r}; the shards disagree with "
-                "loretta_index.npy: re-convert with `loretta-shards to-mds`"
+                f"loretta_index.npy: rebuild with {self._fix}"
             )
         return s
 
@@ -406,7 +410,7 @@ class MdsDataset:
             elif not isinstance(got, np.ndarray) or got.tolist() != want:
                 raise DataError(
                     f": lengths column {got!r} differs from loretta_index.npy {want}; "
-                    "re-convert with `loretta-shards to-mds`"
+                    f"rebuild with {self._fix}"
                 )
             for name in self._names if modalities is None else modalities:
                 j = self._col.get(name)
@@ -420,7 +424,7 @@ class MdsDataset:
                     shape = getattr(arr, "shape", type(arr).__name__)
                     raise DataError(
                         f" {name}: array of shape {shape}, but the index says {n} tokens; the "
-                        "shard is corrupt: re-convert with `loretta-shards to-mds`"
+                        f"shard is corrupt: rebuild with {self._fix}"
                     )
                 check_ids(arr, self._sizes[j], f" {name}")
                 out[name] = arr

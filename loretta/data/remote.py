@@ -96,6 +96,7 @@ def download(url: str, dest: Path, *, retries: int = RETRIES, timeout: float = T
     if dest.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
+    retries = max(1, retries)
     for attempt in range(1, retries + 1):
         try:
             _atomic_copy(lambda f: _copy_url(url, f, timeout), dest)
