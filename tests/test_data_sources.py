@@ -300,3 +300,13 @@ def test_open_dataset_hints_for_tars_without_a_manifest(tmp_path: Path) -> None:
         open_dataset(tmp_path / "ds")
     with pytest.raises(DataError, match="does not exist"):
         open_dataset(tmp_path / "nowhere")
+
+
+def test_file_urls_read_like_folders(tmp_path: Path) -> None:
+    write_dataset(samples(10), tmp_path / "ds", LAYOUT, samples_per_shard=4)
+    ds = open_dataset(f"file://{tmp_path / 'ds'}", tmp_path / "cache")
+    assert isinstance(ds, ShardDataset) and ds.remote
+    assert_reads(ds, samples(10))
+    assert sorted(p.name for p in ds.local.iterdir())[-1] == "shard-000002.tar"
+    with pytest.raises(DataError, match=r"could not fetch file://.*not found"):
+        fetch(f"file://{tmp_path / 'ds'}", "shard-000009.tar", tmp_path / "c2")

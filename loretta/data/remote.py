@@ -144,8 +144,11 @@ def _copy_url(url: str, out: IO[bytes], timeout: float) -> None:
                 raise _Permanent(f"HTTP {e.code} {e.reason}") from e
             raise _Transient(f"HTTP {e.code} {e.reason}") from e
     elif url.startswith("file://"):
-        with open(url[len("file://") :], "rb") as src:
-            shutil.copyfileobj(src, out, 1 << 20)
+        try:
+            with open(url[len("file://") :], "rb") as src:
+                shutil.copyfileobj(src, out, 1 << 20)
+        except FileNotFoundError as e:
+            raise _Permanent(f"not found ({e})") from e
     else:
         _copy_fsspec(url, out)
 

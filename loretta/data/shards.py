@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from loretta.data.format import (
+    FORMAT,
     Manifest,
     ShardInfo,
     atomic_write_bytes,
@@ -357,6 +358,11 @@ class ShardDataset:
         elif not self.local.is_dir():
             raise DataError(f"dataset folder {path!r} does not exist")
         self.manifest = read_manifest(self.local / "manifest.json")
+        if self.manifest.format != FORMAT:
+            raise DataError(
+                f"{path}: a {self.manifest.format!r} dataset, not webdataset tars "
+                f"({FORMAT!r}); open it with loretta.data.sources.open_dataset"
+            )
         self.layout = self.manifest.layout
         self.verify_checksums = verify_checksums
         self._check_index()
