@@ -138,3 +138,19 @@ def test_only_the_engine_imports_deepspeed() -> None:
                 users.append(name)
                 break
     assert users == ["loretta.engine"]
+
+
+def test_no_module_imports_another_modules_private_names() -> None:
+    """Modules talk through public names: `from loretta.x import _helper` is a leaked boundary."""
+    leaks = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            ours = isinstance(node, ast.ImportFrom) and (
+                node.level or (node.module or "").startswith("loretta")
+            )
+            if isinstance(node, ast.ImportFrom) and ours:
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                private = [p for p in private if not p.startswith("__")]
+                if private:
+                    leaks.append(f"{name}: from {'.' * node.level}{node.module} import {private}")
+    assert not leaks, "\n".join(leaks)
