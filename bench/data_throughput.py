@@ -34,7 +34,7 @@ import numpy as np
 
 def build_data(work: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
     """~1,000 tokens per sample over two modalities, as webdataset tars and as MDS."""
-    from loretta.data.mds import to_mds
+    from loretta.data.mds_convert import to_mds
     from loretta.data.shards import write_dataset
     from loretta.vocab import VocabLayout
 

@@ -262,7 +262,7 @@ def labelled(
     path: str, modalities: Sequence[str], limit: int | None = None, label_key: str = "label"
 ) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
     """Samples having every one of `modalities`, with their integer labels from {key}.json."""
-    from loretta.data.shards import open_dataset
+    from loretta.data.sources import open_dataset
 
     ds = open_dataset(path)
     names = ds.layout.names

@@ -26,7 +26,8 @@ from loretta.config import SourceConfig, load_config
 from loretta.data.format import sha256_file
 from loretta.data.loader import ROW_FIELDS, build_loader
 from loretta.data.shards import ShardDataset, write_dataset
-from loretta.data.tools import main, parse_size
+from loretta.data.tools import main
+from loretta.units import parse_size
 from loretta.vocab import VocabLayout
 
 # streaming keeps file locks in the temp dir: a private one (conftest.private_tmpdir)
@@ -137,14 +138,15 @@ def test_write_every_input_format_gives_the_same_shards(
 
 
 def test_write_shard_size_and_workers(tmp_path: Path, cli: Cli, layout_file: Path) -> None:
-    assert parse_size("64MB") == 64 << 20 and parse_size("1.5k") == 1536
+    assert parse_size("64MB") == 64_000_000 and parse_size("64MiB") == 64 << 20  # units.py
+    assert parse_size("1.5KiB") == 1536 and parse_size("1.5kb") == 1500
     jsonl = write_inputs(tmp_path, samples(60))["jsonl"]
     rc, _, err = cli(
         "write", jsonl, tmp_path / "a", "--layout", layout_file, "--shard-size", "40KB"
     )
     assert rc == 0 and "samples per shard" in err and "60/60" in err  # estimate, progress bar
     a = ShardDataset(str(tmp_path / "a")).manifest
-    assert len(a.shards) > 2 and all(s.bytes <= 2 * 40 * 1024 for s in a.shards)
+    assert len(a.shards) > 2 and all(s.bytes <= 2 * 40_000 for s in a.shards)
     rc, _, err = cli(
         "write", jsonl, tmp_path / "b", "--layout", layout_file, "--shard-size", "40KB",
         "--workers", 2, "--quiet",

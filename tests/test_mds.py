@@ -17,8 +17,10 @@ from helpers import base_env, losses, reference_stream, tiny_overrides, torchrun
 
 from loretta.config import SourceConfig, load_config
 from loretta.data.loader import ROW_FIELDS, build_loader
-from loretta.data.mds import MDS_INDEX, MdsDataset, from_mds, to_mds
-from loretta.data.shards import ShardDataset, open_dataset, write_dataset
+from loretta.data.mds import MDS_INDEX, MdsDataset
+from loretta.data.mds_convert import from_mds, to_mds
+from loretta.data.shards import ShardDataset, write_dataset
+from loretta.data.sources import open_dataset
 from loretta.errors import DataError
 from loretta.vocab import VocabLayout
 

@@ -20,6 +20,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -82,6 +83,11 @@ class Manifest:
                 out[m] = out.get(m, 0) + n
         return out
 
+    def summary(self) -> str:
+        """'2 shards, 1,000 samples, tokens: image 16,000, text 9,000'."""
+        toks = ", ".join(f"{k} {v:,}" for k, v in self.tokens.items())
+        return f"{len(self.shards)} shards, {self.samples:,} samples, tokens: {toks}"
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "format": self.format,
@@ -102,9 +108,12 @@ class Manifest:
                     f"{where}: manifest version {d['version']} is newer than this loretta "
                     f"understands ({VERSION}); upgrade loretta"
                 )
+            shards = [ShardInfo(**s) for s in d["shards"]]
+            for s in shards:
+                check_file_name(s.name, f"{where}: shard name")
             return cls(
                 layout=VocabLayout.from_dict(d["layout"], where),
-                shards=[ShardInfo(**s) for s in d["shards"]],
+                shards=shards,
                 index_sha256=d.get("index", {}).get("sha256", ""),
                 format=d.get("format", FORMAT),
                 meta=d.get("meta", {}),
@@ -114,6 +123,48 @@ class Manifest:
                 f"{where}: malformed manifest ({type(e).__name__}: {e}); "
                 "rebuild it with `loretta-shards index <dataset>`"
             ) from e
+
+
+# A file named by a manifest or a streaming index.json comes from outside: it must be a plain
+# name inside the dataset folder (no folders, no '..', nothing a shell or URL would interpret).
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+=-]{0,254}")
+
+
+def check_file_name(name: object, where: str) -> str:
+    """`name` if it is a plain file name; else a DataError naming `where`, the value and the fix."""
+    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name) or ".." in name:
+        raise DataError(
+            f"{where} {name!r} is not a plain file name (letters, digits and ._+=- only; no "
+            "'/', no '..', no spaces or shell characters); shards must sit directly in the "
+            "dataset folder: rename the file and rebuild the manifest with `loretta-shards "
+            "index FOLDER`"
+        )
+    return name
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """The manifest.json at `path`, checked; a DataError that says how to make one if absent."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except FileNotFoundError:
+        folder = path.parent
+        if (folder / "index.json").exists():
+            how = (
+                f"it holds a streaming index.json (MDS written by MDSWriter): adopt it with "
+                f"`loretta-shards index {folder} --layout layout.json`"
+            )
+        else:
+            how = (
+                "write datasets with `loretta-shards write`, or index existing tars (.tar or "
+                f".tar.gz) with `loretta-shards index {folder} --layout layout.json`"
+            )
+        raise DataError(f"{path} not found: the dataset has no manifest; {how}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e}); the manifest is corrupt") from e
+    if not isinstance(d, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return Manifest.from_dict(d, str(path))
 
 
 def load_index(
@@ -255,9 +306,19 @@ def parse_npy(buf: memoryview | bytes, where: str) -> np.ndarray:
 
 
 def npy_bytes(arr: np.ndarray) -> bytes:
+    """An .npy file of `arr` (any dtype, structured ones included; never pickled)."""
     f = io.BytesIO()
     np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
     return f.getvalue()
+
+
+def progress_bar(on: bool, unit: str) -> Any:
+    """A tqdm bar counting `unit`, or None when `on` is false (callers test for None)."""
+    if not on:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(unit=unit, dynamic_ncols=True)
 
 
 def token_dtype(size: int) -> np.dtype:

@@ -29,7 +29,7 @@ from loretta.config import DataConfig, TrainConfig
 from loretta.data.mixing import SourceCursor, TokenMixer
 from loretta.data.packing import Packer
 from loretta.data.sequences import IGNORE, DocPlan, SequenceBuilder, mix64
-from loretta.data.shards import open_dataset
+from loretta.data.sources import open_dataset
 from loretta.errors import DataError
 from loretta.vocab import VocabLayout
 
@@ -260,10 +260,10 @@ def open_sources(cfg: DataConfig, seed: int) -> tuple[list[Any], VocabLayout]:
             layout.check_same(
                 ds.layout, f"data.sources.0 ({cfg.sources[0].path})", f"data.sources.{i} ({s.path})"
             )
-        for m in s.modalities:
-            if m not in ds.layout:
+        for name in s.modalities:
+            if name not in ds.layout:
                 raise DataError(
-                    f"data.sources.{i}.modalities: {m!r} is not in the dataset's layout "
+                    f"data.sources.{i}.modalities: {name!r} is not in the dataset's layout "
                     f"{ds.layout.names} ({s.path})"
                 )
         datasets.append(ds)

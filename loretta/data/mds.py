@@ -1,5 +1,6 @@
-"""mosaicml-streaming (MDS) datasets: conversion to and from our webdataset format, and random
-access by global sample index for the loader.
+"""mosaicml-streaming (MDS) datasets: random access by global sample index for the loader.
+(Conversion to and from our webdataset format, and adopting folders written by a plain
+`MDSWriter`, live in loretta/data/mds_convert.py.)
 
 A dataset written by `to_mds` is a folder (or an object-store prefix)::
 
@@ -14,6 +15,11 @@ Columns: one ``ndarray:uint16`` (``int32`` above 65,536 ids) per modality, ``len
 (``ndarray:int32``, tokens per modality, 0 = absent), ``key`` (str) and ``meta`` (json).
 streaming refuses to encode an empty array, so an absent modality holds one placeholder id and
 ``lengths`` says 0: plain-streaming readers must look at ``lengths`` too.
+
+A folder written by a plain `MDSWriter` is read too once adopted (`loretta-shards index FOLDER
+--layout L` writes manifest.json and loretta_index.npy next to it): its columns are one
+``ndarray`` column per modality of the layout, and optionally ``key`` (str), ``meta`` (json)
+and ``lengths``; samples without a ``key`` column are keyed by their index.
 
 Processes. A `StreamingDataset` finds its shared memory (shard states, cache accounting) under a
 prefix that local rank 0 registers and the other local ranks look up; to order the two it calls
@@ -39,13 +45,9 @@ should each set their own TMPDIR.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import multiprocessing as mp
 import os
-import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -54,27 +56,15 @@ import numpy as np
 
 from loretta.data.format import (
     KEY_BYTES,
-    Manifest,
-    ShardInfo,
-    atomic_write_bytes,
-    atomic_write_json,
+    check_file_name,
     check_ids,
     file_lock,
     load_index,
-    replace_dir,
+    read_manifest,
     sha256_file,
     token_dtype,
 )
-from loretta.data.shards import (
-    Sample,
-    ShardDataset,
-    _npy_file_bytes,
-    _progress_bar,
-    _read_manifest_file,
-    is_url,
-    resolve_local,
-    write_dataset,
-)
+from loretta.data.remote import cache_folder, is_url, streaming_fetch, streaming_remote
 from loretta.errors import DataError
 from loretta.vocab import VocabLayout
 
@@ -110,248 +100,30 @@ def mds_columns(layout: VocabLayout) -> dict[str, str]:
     return cols
 
 
-# ==== webdataset -> MDS ========================================================================
-def _mds_record(ds: ShardDataset, i: int) -> dict[str, Any]:
-    arrays = ds.read(i)
-    rec: dict[str, Any] = {
-        "key": ds.key(i),
-        "meta": ds.meta(i),
-        "lengths": np.asarray(ds.lengths[i], dtype=np.int32),
-    }
-    for m in ds.layout.modalities:
-        dt = token_dtype(m.size)
-        a = arrays.get(m.name)
-        rec[m.name] = a.astype(dt) if a is not None else np.zeros(1, dt)  # placeholder: absent
-    return rec
-
-
-Part = tuple[str, int, int, str | None]  # (output folder, first sample, stop, compression)
-_SOURCE: ShardDataset | None = None  # the source dataset, in a to_mds worker process
-
-
-def _open_source(src: str, cache_dir: str) -> None:
-    global _SOURCE
-    _SOURCE = ShardDataset(src, cache_dir)
-
-
-def _write_part_in_worker(part: Part) -> list[dict[str, Any]]:
-    assert _SOURCE is not None, "pool initializer did not run"
-    return _write_part(_SOURCE, part)
-
-
-def _write_part(ds: ShardDataset, part: Part) -> list[dict[str, Any]]:
-    """Write source samples [start, stop) as MDS into `out`; return its index.json shards."""
-    out, start, stop, compression = part
-    from streaming import MDSWriter
-
-    with MDSWriter(
-        out=out, columns=mds_columns(ds.layout), compression=compression, size_limit=SHARD_LIMIT
-    ) as w:
-        for i in range(start, stop):
-            w.write(_mds_record(ds, i))
-    return list(json.loads((Path(out) / "index.json").read_text())["shards"])
-
-
-def _adopt_shard(part: Path, root: Path, entry: dict[str, Any], sid: int) -> dict[str, Any]:
-    """Move a part's shard file(s) to root/shard.{sid}.mds[.zip] and rename them in the entry."""
-    entry = dict(entry)
-    for kind in ("raw_data", "zip_data"):
-        info = entry.get(kind)
-        if not info:
-            continue
-        old = str(info["basename"])
-        rest = old.split(".", 2)[2]  # 'shard.00000.mds.zstd' -> 'mds.zstd'
-        new = f"shard.{sid:05d}.{rest}"
-        if (part / old).exists():
-            os.replace(part / old, root / new)
-        entry[kind] = {**info, "basename": new}
-    return entry
-
-
-def _stored_name(entry: dict[str, Any]) -> str:
-    """The file of an index.json shard that exists on disk (the zip when compressed)."""
-    return str((entry.get("zip_data") or entry["raw_data"])["basename"])
-
-
-def to_mds(
-    src: str | Path,
-    dst: str | Path,
-    *,
-    samples_per_shard: int | None = None,
-    compression: str | None = None,
-    workers: int = 1,
-    overwrite: bool = False,
-    cache_dir: str | Path = "",
-    progress: bool = False,
-) -> Manifest:
-    """Convert one of our webdataset datasets (folder or URL) to an MDS folder at `dst`.
-
-    By default every source tar becomes one MDS shard (same shard sizes, hence the same batches
-    from the loader); `samples_per_shard` regroups. Written in a temp folder next to `dst` and
-    renamed into place when complete; `workers` processes write shards in parallel.
-    """
-    src_s = str(src)
-    ds = ShardDataset(src_s, cache_dir)
-    layout = ds.layout
-    mds_columns(layout)  # refuse clashing modality names before any work
-    out = Path(dst)
-    if out.exists() and not overwrite:
-        raise DataError(f"{out} already exists; choose another folder or pass --overwrite")
-    if samples_per_shard is not None and samples_per_shard < 1:
-        raise DataError(f"samples_per_shard={samples_per_shard}: must be >= 1")
-    if compression is not None:
-        from streaming.base.compression import get_compressions, is_compression
-
-        if not is_compression(compression):
-            known = sorted({c.split(":")[0] for c in get_compressions()})
-            raise DataError(
-                f"compression={compression!r}: streaming compresses with {known} (optionally "
-                "with a level, e.g. zstd:7)"
-            )
-    n = len(ds)
-    if samples_per_shard is None:
-        cuts = np.concatenate([[0], np.cumsum(ds.shard_counts)]).tolist()
-    else:
-        cuts = [*range(0, n, samples_per_shard), n]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    parts = [tmp / f".part-{p:06d}" for p in range(len(cuts) - 1)]
-    tasks: list[Part] = [
-        (str(parts[p]), int(cuts[p]), int(cuts[p + 1]), compression) for p in range(len(parts))
-    ]
-    bar = _progress_bar(progress, "shards")
-    try:
-        entries: list[dict[str, Any]] = []
-        with contextlib.ExitStack() as stack:
-            if workers > 1:
-                pool = stack.enter_context(
-                    mp.get_context("spawn").Pool(workers, _open_source, (src_s, str(cache_dir)))
-                )
-                results: Iterator[list[dict[str, Any]]] = pool.imap(_write_part_in_worker, tasks)
-            else:
-                results = (_write_part(ds, t) for t in tasks)
-            for part, shards in zip(parts, results):
-                entries += [
-                    _adopt_shard(part, tmp, e, len(entries) + k) for k, e in enumerate(shards)
-                ]
-                shutil.rmtree(part)
-                if bar is not None:
-                    bar.update(1)
-        (tmp / "index.json").write_text(json.dumps({"version": 2, "shards": entries}, indent=1))
-        counts = [int(e["samples"]) for e in entries]
-        index = np.zeros(n, dtype=mds_index_dtype(len(layout.names)))
-        index["shard"] = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
-        index["key"] = ds.index["key"]
-        index["length"] = ds.lengths
-        atomic_write_bytes(tmp / MDS_INDEX, _npy_file_bytes(index))
-        starts = np.concatenate([[0], np.cumsum(counts)])
-        infos = []
-        for sid, e in enumerate(entries):
-            f = tmp / _stored_name(e)
-            toks = ds.lengths[starts[sid] : starts[sid + 1]].sum(axis=0)
-            infos.append(
-                ShardInfo(
-                    f.name,
-                    counts[sid],
-                    f.stat().st_size,
-                    sha256_file(f),
-                    {m: int(t) for m, t in zip(layout.names, toks)},
-                )
-            )
-        manifest = Manifest(
-            layout, infos, sha256_file(tmp / MDS_INDEX), format=MDS_FORMAT, meta=ds.manifest.meta
-        )
-        d = manifest.to_dict()
-        d["index"]["file"] = MDS_INDEX
-        d["converted_from"] = src_s
-        atomic_write_json(tmp / "manifest.json", d)
-        if out.exists() and not overwrite:
-            raise DataError(f"{out} appeared while writing; not replacing it")
-        replace_dir(tmp, out)
-        return manifest
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        ds.close()
-        if bar is not None:
-            bar.close()
-
-
-# ==== MDS -> webdataset ========================================================================
-def from_mds(
-    src: str | Path,
-    dst: str | Path,
-    *,
-    samples_per_shard: int | None = None,
-    workers: int = 1,
-    overwrite: bool = False,
-    cache_dir: str | Path = "",
-    progress: bool = False,
-) -> Manifest:
-    """Convert an MDS dataset written by `to_mds` back to our webdataset format (lossless: the
-    same keys, arrays, dtypes and metadata; shards of `samples_per_shard`, by default the size
-    of the largest MDS shard, which restores the original tars of a `to_mds` round trip)."""
-    ds = MdsDataset(str(src), cache_dir)
-
-    def samples() -> Iterator[Sample]:
-        for i in range(len(ds)):
-            s = ds.sample(i)
-            arrays = ds.read(i, sample=s)
-            yield {"key": ds.key(i), **arrays, "meta": s.get("meta") or {}}
-
-    return write_dataset(
-        samples(),
-        dst,
-        ds.layout,
-        samples_per_shard=samples_per_shard or max(ds.shard_counts),
-        workers=workers,
-        overwrite=overwrite,
-        meta=ds.manifest.meta,
-        progress=progress,
-    )
-
-
 # ==== reading ==================================================================================
 # (remote, local folder, index sha256) -> StreamingDataset, shared by this process's MdsDatasets
 _OPEN: dict[tuple[str | None, str, str], Any] = {}
 
 
-def _streaming_remote(url: str) -> str:
-    """The remote that streaming understands: file:// URLs become plain paths."""
-    if url.startswith("file://"):
-        return url[len("file://") :]
-    from streaming.base.storage.download import DOWNLOADER_MAPPINGS
-
-    scheme = url.split("://", 1)[0] if "://" in url else url.split(":", 1)[0]
-    if scheme not in DOWNLOADER_MAPPINGS:
-        known = [*sorted(s for s in DOWNLOADER_MAPPINGS if s), "file"]
-        raise DataError(
-            f"{url}: mosaicml-streaming cannot read {scheme!r} URLs (it reads {known}); "
-            "copy the MDS folder to one of those, or convert it with `loretta-shards from-mds` "
-            "and serve the webdataset tars instead"
-        )
-    return url
+def stored_name(entry: dict[str, Any]) -> str:
+    """The file of an index.json shard that exists on disk (the zip when compressed)."""
+    return str((entry.get("zip_data") or entry["raw_data"])["basename"])
 
 
-def _download(remote: str, name: str, local: Path) -> None:
-    """Copy remote/name to local/name unless present (unique temp name, then rename)."""
-    dest = local / name
-    if dest.exists():
-        return
-    from streaming.base.storage.download import CloudDownloader
-
-    local.mkdir(parents=True, exist_ok=True)
-    tmp = local / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp"
-    src = os.path.join(remote, name)
+def streaming_shards(path: Path) -> list[dict[str, Any]]:
+    """The shard entries of a streaming index.json, with their stored file names checked."""
     try:
-        CloudDownloader.direct_download(src, str(tmp))
-        os.replace(tmp, dest)
-    except Exception as e:
-        raise DataError(f"could not fetch {src}: {type(e).__name__}: {e}") from e
-    finally:
-        tmp.unlink(missing_ok=True)
+        shards = json.loads(path.read_text())["shards"]
+        if not isinstance(shards, list) or not shards:
+            raise ValueError("no shards")
+        for k, e in enumerate(shards):
+            check_file_name(stored_name(e), f"{path}: shard {k} file")
+            int(e["samples"])
+    except FileNotFoundError:
+        raise DataError(f"{path} not found: not an MDS dataset folder") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{path}: malformed streaming index ({type(e).__name__}: {e})") from e
+    return shards
 
 
 def _mode() -> str:
@@ -411,6 +183,11 @@ def _solo_lock() -> Iterator[None]:
         yield
 
 
+def local_streaming(folder: Path, where: str) -> Any:
+    """A one-process StreamingDataset over a local MDS folder (for tools that scan it)."""
+    return _construct(None, str(folder), "solo", where)
+
+
 def _construct(remote: str | None, local: str, mode: str, where: str) -> Any:
     from streaming import StreamingDataset
 
@@ -441,7 +218,8 @@ def _construct(remote: str | None, local: str, mode: str, where: str) -> Any:
 
 
 class MdsDataset:
-    """Random access to an MDS dataset written by `to_mds`, by global sample index (0..n-1).
+    """Random access to an MDS dataset written by `to_mds` (or adopted with `adopt_mds`), by
+    global sample index (0..n-1).
 
     `path` is a local folder (read in place) or a URL that mosaicml-streaming reads (s3://,
     gs://, ..., or file:///path), whose shards are downloaded into `cache_dir` on first use.
@@ -455,23 +233,25 @@ class MdsDataset:
         self.verify_checksums = verify_checksums
         self.remote: str | None = None
         if is_url(self.path):
-            self.remote = _streaming_remote(self.path)
-            cache = cache_dir or Path.home() / ".cache/loretta/shards"
-            self.local = resolve_local(self.path, cache)
+            self.remote = streaming_remote(self.path)
+            self.local = cache_folder(self.path, cache_dir)
             for name in ("manifest.json", MDS_INDEX, "index.json"):
-                _download(self.remote, name, self.local)
+                streaming_fetch(self.remote, name, self.local)
         else:
             self.local = Path(self.path)
             if not self.local.is_dir():
                 raise DataError(f"dataset folder {self.path!r} does not exist")
-        self.manifest = _read_manifest_file(self.local / "manifest.json")
+        self.manifest = read_manifest(self.local / "manifest.json")
         if self.manifest.format != MDS_FORMAT:
             raise DataError(
                 f"{self.local / 'manifest.json'}: format {self.manifest.format!r}, expected "
-                f"{MDS_FORMAT!r}; open webdataset folders with loretta.data.shards.open_dataset"
+                f"{MDS_FORMAT!r}; open webdataset folders with loretta.data.sources.open_dataset"
             )
         self.layout = self.manifest.layout
         self.shard_counts = [s.samples for s in self.manifest.shards]
+        # how to rebuild what loretta wrote beside the shards: re-adopt or re-convert
+        adopted = "adopted_mds" in self.manifest.meta
+        self._fix = f"`loretta-shards index {self.path}`" if adopted else "`loretta-shards to-mds`"
         self._load_index()
         self.lengths = np.ascontiguousarray(self.index["length"])  # (n, M) tokens per modality
         self._check_streaming_index()
@@ -488,18 +268,14 @@ class MdsDataset:
     # ---- checks --------------------------------------------------------------------------------
     def _load_index(self) -> None:
         dtype = mds_index_dtype(len(self.layout.names))
-        fix = "`loretta-shards to-mds` (re-convert the dataset)"
+        fix = self._fix
         self.index = load_index(self.local / MDS_INDEX, dtype, self.manifest, self.path, fix)
 
     def _check_streaming_index(self) -> None:
         p = self.local / "index.json"
-        try:
-            shards = json.loads(p.read_text())["shards"]
-            theirs = [(_stored_name(e), int(e["samples"])) for e in shards]
-        except FileNotFoundError:
-            raise DataError(f"{p} not found: not an MDS dataset folder") from None
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise DataError(f"{p}: malformed streaming index ({type(e).__name__}: {e})") from e
+        shards = streaming_shards(p)
+        theirs = [(stored_name(e), int(e["samples"])) for e in shards]
+        self._columns = set(shards[0].get("column_names") or ())
         ours = [(s.name, s.samples) for s in self.manifest.shards]
         if theirs != ours:
             diff = next(
@@ -508,7 +284,7 @@ class MdsDataset:
             )
             raise DataError(
                 f"{p} disagrees with manifest.json ({diff}); the folder was modified after "
-                "conversion: re-convert with `loretta-shards to-mds`"
+                f"conversion: rebuild with {self._fix}"
             )
 
     def _check_shard_files(self) -> None:
@@ -516,8 +292,8 @@ class MdsDataset:
             f = self.local / s.name
             if not f.exists():
                 raise DataError(
-                    f"{f}: shard listed in the manifest is missing; restore it or re-convert "
-                    "with `loretta-shards to-mds`"
+                    f"{f}: shard listed in the manifest is missing; restore it or rebuild "
+                    f"with {self._fix}"
                 )
             if f.stat().st_size != s.bytes:
                 raise DataError(
@@ -553,7 +329,7 @@ class MdsDataset:
                 raise DataError(
                     f"{self.path}: streaming reads {sd.num_samples} samples in shards of "
                     f"{[len(s) for s in sd.shards][:8]}... but the manifest lists {len(self)} in "
-                    f"{self.shard_counts[:8]}...; re-convert with `loretta-shards to-mds`"
+                    f"{self.shard_counts[:8]}...; rebuild with {self._fix}"
                 )
         self._sd = sd
         return sd
@@ -609,11 +385,11 @@ class MdsDataset:
                 f"{self.where(i)}: unreadable MDS sample ({type(e).__name__}: {e}); the shard "
                 "is corrupt or missing: restore it or re-convert"
             ) from e
-        if not isinstance(s, dict) or s.get("key") != self.key(i):
+        if not isinstance(s, dict) or ("key" in self._columns and s.get("key") != self.key(i)):
             got = s.get("key") if isinstance(s, dict) else type(s).__name__
             raise DataError(
                 f"{self.where(i)}: streaming returned sample {got!r}; the shards disagree with "
-                "loretta_index.npy: re-convert with `loretta-shards to-mds`"
+                f"loretta_index.npy: rebuild with {self._fix}"
             )
         return s
 
@@ -629,10 +405,12 @@ class MdsDataset:
         got = s.get("lengths")
         out = {}
         try:  # messages name the file and sample; formatted only when there is one
-            if not isinstance(got, np.ndarray) or got.tolist() != want:
+            if "lengths" not in self._columns:
+                pass  # adopted plain MDS: every array's length is checked below
+            elif not isinstance(got, np.ndarray) or got.tolist() != want:
                 raise DataError(
                     f": lengths column {got!r} differs from loretta_index.npy {want}; "
-                    "re-convert with `loretta-shards to-mds`"
+                    f"rebuild with {self._fix}"
                 )
             for name in self._names if modalities is None else modalities:
                 j = self._col.get(name)
@@ -646,7 +424,7 @@ class MdsDataset:
                     shape = getattr(arr, "shape", type(arr).__name__)
                     raise DataError(
                         f" {name}: array of shape {shape}, but the index says {n} tokens; the "
-                        "shard is corrupt: re-convert with `loretta-shards to-mds`"
+                        f"shard is corrupt: rebuild with {self._fix}"
                     )
                 check_ids(arr, self._sizes[j], f" {name}")
                 out[name] = arr
@@ -655,6 +433,8 @@ class MdsDataset:
         return out
 
     def meta(self, i: int) -> dict[str, Any]:
+        if "meta" not in self._columns:
+            return {}
         m = self.sample(i).get("meta")
         if not isinstance(m, dict):
             raise DataError(f"{self.where(i)}: meta column holds {type(m).__name__}, not a dict")

@@ -4,15 +4,17 @@ Writing: `DatasetWriter` (or `write_dataset` for parallel writing) builds every 
 and the manifest inside a temporary folder and renames it into place when complete, so a crash
 never leaves a half-written dataset.
 
-Reading: `ShardDataset` opens a dataset from a local folder or any URL webdataset's `gopen` can
-open (http(s)://, gs://, pipe:...). Remote shards are copied into a local cache (atomically) on
-first use. Samples are read by global index through memory-mapped shards.
+Indexing: `index_dataset` writes the manifest and index for tars written by other tools; a
+compressed tar (.tar.gz, .tgz) is first decompressed into a plain tar next to it.
+
+Reading: `ShardDataset` opens a dataset from a local folder or a URL (loretta/data/remote.py:
+https://, file://, pipe:PROGRAM ARGS {}, fsspec schemes). Remote shards are copied into a local
+cache (atomically) on first use. Samples are read by global index through memory-mapped shards.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import mmap
 import multiprocessing as mp
@@ -20,13 +22,14 @@ import os
 import shutil
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from loretta.data.format import (
+    FORMAT,
     Manifest,
     ShardInfo,
     atomic_write_bytes,
@@ -36,11 +39,14 @@ from loretta.data.format import (
     load_index,
     npy_bytes,
     parse_npy,
+    progress_bar,
+    read_manifest,
     replace_dir,
     scan_shard,
     sha256_file,
     token_dtype,
 )
+from loretta.data.remote import cache_folder, cache_path, fetch, is_url
 from loretta.errors import DataError
 from loretta.vocab import VocabLayout
 
@@ -134,7 +140,7 @@ class DatasetWriter:
         self._keys: set[str] = set()
         self._infos: list[ShardInfo] = []
         self._indices: list[np.ndarray] = []
-        self._bar = _progress_bar(progress, "samples")
+        self._bar = progress_bar(progress, "samples")
 
     def write(self, sample: Sample) -> None:
         rec = _encode_sample(sample, self.layout, str(self.out))
@@ -233,14 +239,14 @@ def write_dataset(
         ) as w:
             for s in samples:
                 w.write(s)
-        return _read_manifest_file(Path(out_dir) / "manifest.json")
+        return read_manifest(Path(out_dir) / "manifest.json")
     out = Path(out_dir)
     if out.exists() and not overwrite:
         raise DataError(f"{out} already exists; choose another folder or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
-    bar = _progress_bar(progress, "shards")
+    bar = progress_bar(progress, "shards")
 
     def tasks() -> Iterator[tuple[str, int, list[Sample], dict[str, Any]]]:
         chunk: list[Sample] = []
@@ -270,97 +276,69 @@ def write_dataset(
             bar.close()
 
 
+COMPRESSED_TARS = (".tar.gz", ".tgz")
+
+
 def index_dataset(
     folder: str | Path, layout: VocabLayout, meta: dict[str, Any] | None = None
 ) -> Manifest:
-    """Build manifest + index for existing webdataset tars in `folder` (validating every array)."""
+    """Build manifest + index for existing webdataset tars in `folder` (validating every array).
+
+    A member is read by its byte offset, which a gzip stream does not have: each compressed tar
+    (NAME.tar.gz or NAME.tgz) is decompressed into NAME.tar in the folder (temp file, then
+    rename; the compressed file is kept) and the plain tar is indexed. A NAME.tar at least as
+    new as its compressed file is reused, so re-indexing does not decompress again."""
     folder = Path(folder)
+    decompressed = [decompress_tar(p) for p in _compressed_tars(folder)]
     tars = sorted(folder.glob("*.tar"))
     if not tars:
-        raise DataError(f"{folder}: no .tar shards found")
+        raise DataError(f"{folder}: no .tar, .tar.gz or .tgz shards found")
     infos, indices = [], []
     for sid, path in enumerate(tars):
         idx, tokens = scan_shard(path, sid, layout, validate=True)
         infos.append(ShardInfo(path.name, len(idx), path.stat().st_size, sha256_file(path), tokens))
         indices.append(idx)
     index = np.concatenate(indices)
-    atomic_write_bytes(folder / "index.npy", _npy_file_bytes(index))
-    manifest = Manifest(layout, infos, sha256_file(folder / "index.npy"), meta=dict(meta or {}))
+    atomic_write_bytes(folder / "index.npy", npy_bytes(index))
+    meta = dict(meta or {})
+    if decompressed:
+        meta["decompressed"] = {t.name: c.name for c, t in decompressed}
+    manifest = Manifest(layout, infos, sha256_file(folder / "index.npy"), meta=meta)
     atomic_write_json(folder / "manifest.json", manifest.to_dict())
     return manifest
 
 
-def _npy_file_bytes(arr: np.ndarray) -> bytes:
-    import io
-
-    f = io.BytesIO()
-    np.save(f, arr)
-    return f.getvalue()
+def _compressed_tars(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.name.endswith(COMPRESSED_TARS))
 
 
-def _progress_bar(on: bool, unit: str) -> Any:
-    if not on:
-        return None
-    from tqdm import tqdm
+def decompress_tar(src: Path) -> tuple[Path, Path]:
+    """NAME.tar.gz -> NAME.tar beside it, atomically; (src, plain tar)."""
+    stem = src.name[: -len(next(e for e in COMPRESSED_TARS if src.name.endswith(e)))]
+    dst = src.with_name(f"{stem}.tar")
+    if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime:
+        return src, dst
+    import gzip
+    import zlib
 
-    return tqdm(unit=unit, dynamic_ncols=True)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp")
+    try:
+        with gzip.open(src, "rb") as f, open(tmp, "wb") as out:
+            shutil.copyfileobj(f, out, 1 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dst)
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(
+            f"{src}: cannot decompress ({type(e).__name__}: {e}); the file is truncated or not "
+            "gzip: re-download it"
+        ) from e
+    finally:
+        tmp.unlink(missing_ok=True)
+    return src, dst
 
 
 # ==== reading ==================================================================================
-def is_url(path: str) -> bool:
-    return "://" in path or path.startswith("pipe:")
-
-
-def _join(root: str, name: str) -> str:
-    if "{}" in root:
-        return root.replace("{}", name)
-    return root.rstrip("/") + "/" + name
-
-
-def _fetch(url: str, dest: Path) -> Path:
-    """Copy `url` to `dest` atomically (webdataset's gopen handles the scheme)."""
-    if dest.exists():
-        return dest
-    from webdataset.gopen import gopen
-
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{uuid.uuid4().hex[:6]}.tmp")
-    try:
-        with gopen(url, "rb") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-        os.replace(tmp, dest)
-    except Exception as e:
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, DataError):
-            raise
-        raise DataError(f"could not fetch {url}: {type(e).__name__}: {e}") from e
-    finally:
-        tmp.unlink(missing_ok=True)
-    return dest
-
-
-def _read_manifest_file(path: Path) -> Manifest:
-    try:
-        d = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(
-            f"{path} not found: the dataset has no manifest. Write it with the shard tools "
-            f"(`loretta-shards write`), or index existing tars with `loretta-shards index "
-            f"{path.parent} --layout layout.json`"
-        ) from None
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e}); the manifest is corrupt") from e
-    return Manifest.from_dict(d, str(path))
-
-
-def resolve_local(path: str, cache_dir: str | Path) -> Path:
-    """Local folder of a dataset: the path itself, or a cache folder for a URL."""
-    if not is_url(path):
-        return Path(path)
-    digest = hashlib.sha256(path.encode()).hexdigest()[:16]
-    return Path(cache_dir) / digest
-
-
 class ShardDataset:
     """Random access to the samples of one dataset by global index (0..n-1)."""
 
@@ -373,13 +351,18 @@ class ShardDataset:
     ) -> None:
         self.path = path
         self.remote = is_url(path)
-        self.local = resolve_local(path, cache_dir or Path.home() / ".cache/loretta/shards")
+        self.local = cache_folder(path, cache_dir)
         if self.remote:
-            _fetch(_join(path, "manifest.json"), self.local / "manifest.json")
-            _fetch(_join(path, "index.npy"), self.local / "index.npy")
+            fetch(path, "manifest.json", self.local)
+            fetch(path, "index.npy", self.local)
         elif not self.local.is_dir():
             raise DataError(f"dataset folder {path!r} does not exist")
-        self.manifest = _read_manifest_file(self.local / "manifest.json")
+        self.manifest = read_manifest(self.local / "manifest.json")
+        if self.manifest.format != FORMAT:
+            raise DataError(
+                f"{path}: a {self.manifest.format!r} dataset, not webdataset tars "
+                f"({FORMAT!r}); open it with loretta.data.sources.open_dataset"
+            )
         self.layout = self.manifest.layout
         self.verify_checksums = verify_checksums
         self._check_index()
@@ -428,9 +411,9 @@ class ShardDataset:
             self._open.move_to_end(sid)
             return hit[1]
         info = self.manifest.shards[sid]
-        f_path = self.local / info.name
+        f_path = cache_path(self.local, info.name, "shard name")
         if self.remote:
-            _fetch(_join(self.path, info.name), f_path)
+            fetch(self.path, info.name, self.local, where="shard name")
         if self.verify_checksums and sid not in self._verified:
             digest = sha256_file(f_path)
             if digest != info.sha256:
@@ -510,34 +493,3 @@ class ShardDataset:
                 mm.close()
             fh.close()
         self._open.clear()
-
-
-def open_dataset(path: str, cache_dir: str | Path = "", verify_checksums: bool = False) -> Any:
-    """A ShardDataset, or an MdsDataset when the folder holds mosaicml-streaming shards."""
-    if (
-        not is_url(path)
-        and (Path(path) / "index.json").exists()
-        and not (Path(path) / "index.npy").exists()
-    ):
-        from loretta.data.mds import MdsDataset
-
-        return MdsDataset(path, cache_dir=cache_dir, verify_checksums=verify_checksums)
-    if is_url(path):
-        local = resolve_local(path, cache_dir or Path.home() / ".cache/loretta/shards")
-        with contextlib.suppress(DataError):
-            _fetch(_join(path, "manifest.json"), local / "manifest.json")
-        if (local / "manifest.json").exists():
-            fmt = json.loads((local / "manifest.json").read_text()).get("format", "")
-            if fmt.endswith("mds"):
-                from loretta.data.mds import MdsDataset
-
-                return MdsDataset(path, cache_dir=cache_dir, verify_checksums=verify_checksums)
-        elif path.split(":", 1)[0] in ("s3", "oci", "azure", "azure-dl", "dbfs"):
-            # webdataset's gopen cannot read these; mosaicml-streaming (MDS) can
-            from loretta.data.mds import MdsDataset
-
-            return MdsDataset(path, cache_dir=cache_dir, verify_checksums=verify_checksums)
-    return ShardDataset(path, cache_dir=cache_dir, verify_checksums=verify_checksums)
-
-
-ReadFn = Callable[[int], dict[str, np.ndarray]]

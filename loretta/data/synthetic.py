@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from loretta.config import SyntheticConfig
-from loretta.data.format import Manifest
-from loretta.data.shards import Sample, _read_manifest_file, write_dataset
+from loretta.data.format import Manifest, read_manifest
+from loretta.data.shards import Sample, write_dataset
 from loretta.errors import DataError
 from loretta.vocab import VocabLayout
 
@@ -61,7 +61,7 @@ def ensure_synthetic(path: str | Path, cfg: SyntheticConfig) -> Manifest:
     path = Path(path)
     spec = {"synthetic": _spec(cfg)}
     if (path / "manifest.json").exists():
-        manifest = _read_manifest_file(path / "manifest.json")
+        manifest = read_manifest(path / "manifest.json")
         if manifest.meta.get("synthetic") != spec["synthetic"]:
             raise DataError(
                 f"{path} holds a dataset built from a different synthetic config "
@@ -74,7 +74,7 @@ def ensure_synthetic(path: str | Path, cfg: SyntheticConfig) -> Manifest:
         )
     except (DataError, OSError):
         if (path / "manifest.json").exists():  # another process finished first
-            return _read_manifest_file(path / "manifest.json")
+            return read_manifest(path / "manifest.json")
         raise
 
 

@@ -1,19 +1,19 @@
 """`loretta-shards`: create, inspect, verify and convert datasets (tools/shards.py is a wrapper).
+This module is the command line: argument parsing and one small function per command; the work
+is done by loretta/data/{shards,mds_convert,inputs,verify}.py.
 
     loretta-shards layout layout.json --modality image=256 --modality text=32000 --fixed image=784
     loretta-shards write samples/ data/pairs --layout layout.json --shard-size 64MB --workers 4
-    loretta-shards index data/tars --layout layout.json
+    loretta-shards index data/tars --layout layout.json     # .tar, .tar.gz, or a plain MDS folder
     loretta-shards inspect data/pairs -n 3           # a dataset folder or URL, or one .tar shard
     loretta-shards verify data/pairs
     loretta-shards to-mds data/pairs data/pairs-mds
     loretta-shards from-mds data/pairs-mds data/pairs-again
     loretta-shards synth data/synth --samples 1000 --modality a=64 --modality b=64:8-32
 
-`write` reads pre-tokenized samples (local ids) from a folder of .npz files (one per sample,
-arrays named by modality, key = file name), a folder of {key}.{modality}.npy files, or JSON lines
-{"key": ..., "<modality>": [ids], "meta": {...}} (a .jsonl file or a folder of them); a
-{key}.json file next to an .npz or .npy sample holds its metadata. Exit codes: 0 done, 1 `verify`
-found problems, 2 bad input (the message names the file, field and value, and the fix).
+Sizes (--shard-size) follow loretta/units.py: 64MB = 64,000,000 bytes, 64MiB = 64 * 2**20.
+Exit codes: 0 done, 1 `verify` found problems, 2 bad input (the message names the file, field
+and value, and the fix).
 """
 
 from __future__ import annotations
@@ -24,41 +24,25 @@ import itertools
 import json
 import re
 import sys
-import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from loretta.data.format import (
-    KEY_BYTES,
-    Manifest,
-    atomic_write_json,
-    check_ids,
-    index_dtype,
-    parse_npy,
-    scan_shard,
-    sha256_file,
-    split_member,
-)
-from loretta.data.shards import Sample, is_url
+from loretta.data.format import atomic_write_json, check_ids, parse_npy, split_member
+from loretta.data.inputs import open_input, sample_bytes
+from loretta.data.remote import is_url
+from loretta.data.shards import COMPRESSED_TARS
+from loretta.data.verify import verify_dataset
 from loretta.errors import DataError, LorettaError
+from loretta.units import parse_size
 from loretta.vocab import VocabLayout
 
 PROG = "loretta-shards"
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
 # ==== argument parsing helpers =================================================================
-def parse_size(text: str, what: str = "--shard-size") -> int:
-    """'64MB' -> 67108864. Binary units: K/KB/KiB = 1024 bytes, M/MB/MiB, G/GB/GiB, T."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?\s*", text.upper())
-    if not m or float(m.group(1)) <= 0:
-        raise DataError(f"{what}={text!r}: expected a positive size such as 64MB, 512KB or 1GB")
-    return max(1, int(float(m.group(1)) * _UNITS[m.group(2)]))
-
-
 def parse_modality(text: str, with_lengths: bool = False) -> tuple[str, int, tuple[int, int]]:
     """'image=256' -> ('image', 256, (0, 0)); with lengths also 'a=64:8-32' -> (8, 32)."""
     pattern = r"([A-Za-z_]\w*)=(\d+)" + (r"(?::(\d+)-(\d+))?" if with_lengths else "")
@@ -110,175 +94,6 @@ def describe_layout(layout: VocabLayout) -> str:
     )
 
 
-# ==== input readers for `write` ================================================================
-def _check_key(key: str, where: str, seen: set[str]) -> None:
-    if not key or "." in key or len(key.encode()) > KEY_BYTES:
-        raise DataError(
-            f"{where}: sample key {key!r} must be 1..{KEY_BYTES} bytes without '.'; rename it"
-        )
-    if key in seen:
-        raise DataError(f"{where}: sample key {key!r} appears twice; keys must be unique")
-    seen.add(key)
-
-
-def _not_a_modality(name: str, layout: VocabLayout, where: str) -> DataError:
-    return DataError(
-        f"{where}: {name!r} is not a modality of the layout {layout.names}; rename it, "
-        f"or add it to the layout (`{PROG} layout ... --modality {name}=SIZE`)"
-    )
-
-
-def _check_arrays(values: dict[str, Any], layout: VocabLayout, where: str) -> dict[str, Any]:
-    """Validated 1-D integer id arrays per modality (empty ones are left out: absent)."""
-    out: dict[str, Any] = {}
-    for name, v in values.items():
-        if name not in layout:
-            raise _not_a_modality(name, layout, where)
-        arr = np.asarray(v)
-        if arr.size == 0 and arr.ndim == 1:
-            continue
-        if arr.dtype == object:
-            raise DataError(f"{where}: {name} must be a flat list of integer ids (got {v!r:.60})")
-        check_ids(arr, layout[name].size, f"{where}: {name}")
-        fixed = layout[name].fixed_length
-        if fixed is not None and arr.size != fixed:
-            raise DataError(
-                f"{where}: {name} has {arr.size} tokens but the layout fixes {name} at {fixed}; "
-                "re-tokenise the sample, or drop --fixed from the layout"
-            )
-        out[name] = arr
-    if not out:
-        raise DataError(f"{where}: no token ids for any modality of the layout {layout.names}")
-    return out
-
-
-def _sidecar_meta(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        return {}
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: metadata is not valid JSON ({e})") from e
-    if not isinstance(meta, dict):
-        raise DataError(f"{path}: metadata must be a JSON object, got {type(meta).__name__}")
-    return meta
-
-
-def _read_npz(files: list[Path], layout: VocabLayout) -> Iterator[Sample]:
-    seen: set[str] = set()
-    for f in files:
-        key = f.name[: -len(".npz")]
-        _check_key(key, str(f), seen)
-        try:
-            with np.load(f, allow_pickle=False) as z:
-                if not isinstance(z, np.lib.npyio.NpzFile):
-                    raise ValueError("not an .npz archive")
-                arrays = {k: z[k] for k in z.files}
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-            raise DataError(f"{f}: unreadable .npz ({type(e).__name__}: {e})") from e
-        meta = _sidecar_meta(f.with_name(f"{key}.json"))
-        yield {"key": key, **_check_arrays(arrays, layout, str(f)), "meta": meta}
-
-
-def _npy_groups(folder: Path) -> dict[str, dict[str, Path]]:
-    groups: dict[str, dict[str, Path]] = {}
-    for f in sorted(folder.glob("*.npy")):
-        key, rest = f.name.split(".", 1)
-        groups.setdefault(key, {})[rest[: -len(".npy")]] = f
-    return groups
-
-
-def _read_npy(groups: dict[str, dict[str, Path]], layout: VocabLayout) -> Iterator[Sample]:
-    seen: set[str] = set()
-    for key in sorted(groups):
-        files = groups[key]
-        where = str(next(iter(files.values())).with_name(f"{key}.*.npy"))
-        _check_key(key, where, seen)
-        arrays = {}
-        for mod, f in files.items():
-            if mod not in layout:
-                raise _not_a_modality(mod, layout, str(f))
-            arrays[mod] = parse_npy(f.read_bytes(), str(f))
-        meta = _sidecar_meta(f.parent / f"{key}.json")
-        yield {"key": key, **_check_arrays(arrays, layout, where), "meta": meta}
-
-
-def _read_jsonl(files: list[Path], layout: VocabLayout) -> Iterator[Sample]:
-    seen: set[str] = set()
-    for f in files:
-        with open(f, "rb") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                where = f"{f}:{lineno}"
-                try:
-                    obj = json.loads(line)
-                except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                    raise DataError(f"{where}: not valid JSON ({e})") from e
-                if not isinstance(obj, dict):
-                    raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-                key = obj.pop("key", None)
-                if not isinstance(key, str):
-                    raise DataError(
-                        f'{where}: "key" is {key!r}; every line needs a string "key" field'
-                    )
-                _check_key(key, where, seen)
-                meta = obj.pop("meta", None) or {}
-                if not isinstance(meta, dict):
-                    raise DataError(f'{where}: "meta" must be a JSON object, got {meta!r:.60}')
-                yield {"key": key, **_check_arrays(obj, layout, where), "meta": meta}
-
-
-def _count_lines(files: list[Path]) -> int:
-    n = 0
-    for f in files:
-        with open(f, "rb") as fh:
-            n += sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
-    return n
-
-
-def open_input(path: Path, fmt: str, layout: VocabLayout) -> tuple[Iterator[Sample], int]:
-    """The samples of a `write` input and their count."""
-    if not path.exists():
-        raise DataError(f"input {path} does not exist")
-    kinds = {"npz": "*.npz", "npy": "*.npy", "jsonl": "*.jsonl"}
-    if path.is_file():
-        if fmt == "auto" and path.suffix not in (".jsonl", ".json", ".ndjson"):
-            raise DataError(
-                f"{path}: a single input file must be JSON lines (.jsonl); give a folder of .npz "
-                "or {key}.{modality}.npy files, or pass --format jsonl"
-            )
-        if fmt not in ("auto", "jsonl"):
-            raise DataError(f"{path}: --format {fmt} needs a folder, not a file")
-        return _read_jsonl([path], layout), _count_lines([path])
-    if fmt == "auto":
-        found = [k for k, pat in kinds.items() if next(path.glob(pat), None) is not None]
-        if not found:
-            raise DataError(
-                f"{path}: no .npz, .npy or .jsonl files found; see `{PROG} write --help` for the "
-                "input formats"
-            )
-        if len(found) > 1:
-            raise DataError(f"{path}: holds {found} files; choose one with --format")
-        fmt = found[0]
-    files = sorted(path.glob(kinds[fmt]))
-    if not files:
-        raise DataError(f"{path}: no {kinds[fmt]} files found (--format {fmt})")
-    if fmt == "npz":
-        return _read_npz(files, layout), len(files)
-    if fmt == "npy":
-        groups = _npy_groups(path)
-        return _read_npy(groups, layout), len(groups)
-    return _read_jsonl(files, layout), _count_lines(files)
-
-
-def _sample_bytes(s: Sample) -> int:
-    """Approximate tar bytes of a sample: members of 512-byte blocks with a 512-byte header."""
-    sizes = [128 + np.asarray(v).nbytes for k, v in s.items() if k not in ("key", "meta")]
-    sizes.append(len(json.dumps(s.get("meta") or {})))
-    return sum(512 + -(-n // 512) * 512 for n in sizes)
-
-
 # ==== subcommands ==============================================================================
 def cmd_layout(a: argparse.Namespace) -> int:
     out = Path(a.out)
@@ -325,11 +140,14 @@ def cmd_write(a: argparse.Namespace) -> int:
             raise DataError(f"--samples-per-shard={a.samples_per_shard}: must be >= 1")
         per_shard = a.samples_per_shard
     else:
-        target = parse_size(a.shard_size)
+        try:
+            target = parse_size(a.shard_size, "--shard-size")
+        except ValueError as e:
+            raise DataError(str(e)) from None
         head = list(itertools.islice(samples, 256))  # estimate bytes per sample from these
         if not head:
             raise DataError(f"{a.input}: no samples to write")
-        mean = sum(map(_sample_bytes, head)) / len(head)
+        mean = sum(map(sample_bytes, head)) / len(head)
         per_shard = max(1, int(target // mean))
         samples = itertools.chain(head, samples)
         print(
@@ -347,16 +165,14 @@ def cmd_write(a: argparse.Namespace) -> int:
         overwrite=a.overwrite,
         meta={"input": str(a.input)},
     )
-    print(f"wrote {a.out}: {_totals(m)}")
+    print(f"wrote {a.out}: {m.summary()}")
     return 0
 
 
 def cmd_index(a: argparse.Namespace) -> int:
-    from loretta.data.shards import index_dataset
-
     folder = Path(a.folder)
     if not folder.is_dir():
-        raise DataError(f"{folder} is not a folder of .tar shards")
+        raise DataError(f"{folder} is not a folder of .tar shards or MDS files")
     meta: dict[str, Any] = {}
     if a.layout is None:  # re-index: keep the layout and metadata of the existing manifest
         if not (folder / "manifest.json").exists():
@@ -369,14 +185,21 @@ def cmd_index(a: argparse.Namespace) -> int:
             meta = dict(json.loads((folder / "manifest.json").read_text()).get("meta") or {})
     else:
         layout = load_layout(a.layout)
+    tars = [p for p in folder.iterdir() if p.name.endswith((".tar", *COMPRESSED_TARS))]
+    if (folder / "index.json").exists() and not tars:
+        from loretta.data.mds_convert import adopt_mds
+
+        meta.pop("adopted_mds", None)
+        m = adopt_mds(folder, layout, meta=meta, progress=not a.quiet)
+        print(f"adopted MDS folder {folder}: {m.summary()}; every array checked")
+        return 0
+    from loretta.data.shards import index_dataset
+
     m = index_dataset(folder, layout, meta=meta)
-    print(f"indexed {folder}: {_totals(m)}; every array checked against the layout")
+    gz = m.meta.get("decompressed") or {}
+    note = f" ({len(gz)} compressed tars decompressed beside them)" if gz else ""
+    print(f"indexed {folder}: {m.summary()}{note}; every array checked against the layout")
     return 0
-
-
-def _totals(m: Manifest) -> str:
-    toks = ", ".join(f"{k} {v:,}" for k, v in m.tokens.items())
-    return f"{len(m.shards)} shards, {m.samples:,} samples, tokens: {toks}"
 
 
 def _ids(arr: np.ndarray, k: int = 8) -> str:
@@ -386,13 +209,13 @@ def _ids(arr: np.ndarray, k: int = 8) -> str:
 
 def cmd_inspect(a: argparse.Namespace) -> int:
     p = str(a.path)
-    if not is_url(p) and p.endswith(".tar") and Path(p).is_file():
+    if not is_url(p) and p.endswith((".tar", *COMPRESSED_TARS)) and Path(p).is_file():
         return _inspect_tar(Path(p), a.n)
-    from loretta.data.shards import open_dataset
+    from loretta.data.sources import open_dataset
 
     ds = open_dataset(p, a.cache_dir)
     m = ds.manifest
-    print(f"dataset  {p}  ({m.format}, {_totals(m)})")
+    print(f"dataset  {p}  ({m.format}, {m.summary()})")
     print(f"layout   {describe_layout(ds.layout)}")
     present = (ds.lengths > 0).mean(axis=0)
     for j, name in enumerate(ds.layout.names):
@@ -431,7 +254,7 @@ def _inspect_tar(path: Path, n: int) -> int:
     samples: dict[str, list[str]] = {}
     count, last = 0, None
     try:
-        with tarfile.open(path, "r:") as tf:
+        with tarfile.open(path, "r:*") as tf:  # plain or compressed
             for member in tf:
                 if not member.isfile():
                     continue
@@ -466,194 +289,6 @@ def _inspect_tar(path: Path, n: int) -> int:
     return 0
 
 
-def verify_dataset(path: str, cache_dir: str = "") -> tuple[str, list[str]]:
-    """Recompute checksums and compare manifest <-> shards <-> index: (summary, problems)."""
-    from loretta.data.shards import _fetch, _join, resolve_local
-
-    remote = is_url(path)
-    local = resolve_local(path, cache_dir or Path.home() / ".cache/loretta/shards")
-    if remote:
-        try:
-            _fetch(_join(path, "manifest.json"), local / "manifest.json")
-        except DataError:  # a scheme only mosaicml-streaming reads (s3://, ...)
-            from loretta.data.mds import _download, _streaming_remote
-
-            _download(_streaming_remote(path), "manifest.json", local)
-    elif not local.is_dir():
-        raise DataError(f"dataset folder {path!r} does not exist")
-    mpath = local / "manifest.json"
-    try:
-        d = json.loads(mpath.read_text())
-    except FileNotFoundError:
-        raise DataError(
-            f"{mpath} not found: not a dataset folder; index existing tars with "
-            f"`{PROG} index {path} --layout layout.json`"
-        ) from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{mpath}: not valid JSON ({e}); the manifest is corrupt") from e
-    if not isinstance(d, dict):
-        raise DataError(f"{mpath}: expected a JSON object")
-    m = Manifest.from_dict(d, str(mpath))
-    from loretta.data.mds import MDS_FORMAT
-
-    if m.format == MDS_FORMAT:
-        problems = _verify_mds(path, local, m, cache_dir)
-    else:
-        problems = _verify_webdataset(path, local, m, remote)
-    if d.get("samples", m.samples) != m.samples:
-        problems.append(
-            f"{mpath}: says {d['samples']} samples but its shards add up to {m.samples}"
-        )
-    if d.get("tokens", m.tokens) != m.tokens:
-        problems.append(f"{mpath}: token totals {d['tokens']} differ from its shards' {m.tokens}")
-    return f"{path}: {m.format}, {_totals(m)}", problems
-
-
-def _check_file(f: Path, want_bytes: int, want_sha: str, problems: list[str]) -> bool:
-    if not f.exists():
-        problems.append(f"{f}: listed in the manifest but missing")
-        return False
-    size = f.stat().st_size
-    if size != want_bytes:
-        problems.append(
-            f"{f}: {size} bytes but the manifest says {want_bytes} (truncated or rewritten)"
-        )
-    digest = sha256_file(f)
-    if digest != want_sha:
-        problems.append(f"{f}: sha256 {digest[:12]}... but the manifest says {want_sha[:12]}...")
-        return False
-    return size == want_bytes
-
-
-def _check_index_file(p: Path, m: Manifest, dtype: np.dtype, problems: list[str]) -> Any:
-    if not p.exists():
-        problems.append(f"{p}: missing")
-        return None
-    digest = sha256_file(p)
-    if m.index_sha256 and digest != m.index_sha256:
-        problems.append(
-            f"{p}: sha256 {digest[:12]}... but the manifest says {m.index_sha256[:12]}..."
-        )
-    try:
-        index = np.load(p)
-    except (ValueError, OSError) as e:
-        problems.append(f"{p}: unreadable ({e})")
-        return None
-    if index.dtype != dtype or len(index) != m.samples:
-        problems.append(
-            f"{p}: {len(index)} records of {index.dtype.names}, but the manifest lists "
-            f"{m.samples} samples over {m.layout.names}"
-        )
-        return None
-    keys = index["key"]
-    if len(np.unique(keys)) != len(keys):
-        problems.append(f"{p}: duplicate sample keys")
-    return index
-
-
-def _verify_webdataset(path: str, local: Path, m: Manifest, remote: bool) -> list[str]:
-    from loretta.data.shards import _fetch, _join
-
-    problems: list[str] = []
-    fix = f"; rebuild the index with `{PROG} index {path}`"
-    if remote:
-        _fetch(_join(path, "index.npy"), local / "index.npy")
-    index = _check_index_file(local / "index.npy", m, index_dtype(len(m.layout.names)), problems)
-    for sid, s in enumerate(m.shards):
-        f = local / s.name
-        if remote:
-            try:
-                _fetch(_join(path, s.name), f)
-            except DataError as e:
-                problems.append(str(e))
-                continue
-        if not _check_file(f, s.bytes, s.sha256, problems):
-            continue
-        try:
-            idx, tokens = scan_shard(f, sid, m.layout, validate=True)
-        except DataError as e:
-            problems.append(str(e))
-            continue
-        if len(idx) != s.samples:
-            problems.append(f"{f}: holds {len(idx)} samples but the manifest says {s.samples}")
-        want = {k: v for k, v in s.tokens.items() if v}
-        if {k: v for k, v in tokens.items() if v} != want:
-            problems.append(f"{f}: holds tokens {tokens} but the manifest says {s.tokens}")
-        if index is not None:
-            mine = index[index["shard"] == sid]
-            if len(mine) != len(idx) or not np.array_equal(mine, idx):
-                bad = next(
-                    (bytes(a["key"]).decode() for a, b in zip(mine, idx) if a != b), "(count)"
-                )
-                problems.append(
-                    f"{f}: index.npy records differ from the shard's members (first at sample "
-                    f"{bad!r}){fix}"
-                )
-    if index is not None and not np.all(np.diff(index["shard"]) >= 0):
-        problems.append(f"{local / 'index.npy'}: records are not in shard order{fix}")
-    if not remote:
-        listed = {s.name for s in m.shards}
-        for extra in sorted(p.name for p in local.glob("*.tar") if p.name not in listed):
-            problems.append(
-                f"{local / extra}: a shard in the folder that the manifest does not list; delete "
-                f"it or include it with `{PROG} index`"
-            )
-    return problems
-
-
-def _verify_mds(path: str, local: Path, m: Manifest, cache_dir: str) -> list[str]:
-    from loretta.data.mds import (
-        MDS_INDEX,
-        MdsDataset,
-        _download,
-        _stored_name,
-        _streaming_remote,
-        mds_index_dtype,
-    )
-
-    problems: list[str] = []
-    remote = _streaming_remote(path) if is_url(path) else None
-    if remote is not None:
-        for name in (MDS_INDEX, "index.json", *(s.name for s in m.shards)):
-            try:
-                _download(remote, name, local)
-            except DataError as e:
-                problems.append(str(e))
-    try:
-        entries = json.loads((local / "index.json").read_text())["shards"]
-        theirs = [(_stored_name(e), int(e["samples"])) for e in entries]
-        if theirs != [(s.name, s.samples) for s in m.shards]:
-            problems.append(
-                f"{local / 'index.json'}: shards {theirs[:3]}... differ from the manifest's"
-            )
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        problems.append(f"{local / 'index.json'}: unreadable streaming index ({e})")
-    index = _check_index_file(local / MDS_INDEX, m, mds_index_dtype(len(m.layout.names)), problems)
-    for sid, s in enumerate(m.shards):
-        _check_file(local / s.name, s.bytes, s.sha256, problems)
-        if index is not None:
-            rows = index[index["shard"] == sid]
-            toks = rows["length"].sum(axis=0)
-            got = {n: int(t) for n, t in zip(m.layout.names, toks) if t}
-            if len(rows) != s.samples or got != {k: v for k, v in s.tokens.items() if v}:
-                problems.append(
-                    f"{local / MDS_INDEX}: shard {s.name} has {len(rows)} samples, tokens {got}; "
-                    f"the manifest says {s.samples}, {s.tokens}"
-                )
-    if problems:
-        return problems
-    ds = MdsDataset(path, cache_dir)
-    for i in range(len(ds)):  # every sample: key, lengths, shapes and ids against the index
-        try:
-            ds.read(i)
-        except DataError as e:
-            problems.append(str(e))
-            if len(problems) >= 20:
-                problems.append("... (stopped after 20 bad samples)")
-                break
-    return problems
-
-
 def cmd_verify(a: argparse.Namespace) -> int:
     summary, problems = verify_dataset(str(a.path), a.cache_dir)
     if problems:
@@ -666,7 +301,7 @@ def cmd_verify(a: argparse.Namespace) -> int:
 
 
 def cmd_to_mds(a: argparse.Namespace) -> int:
-    from loretta.data.mds import to_mds
+    from loretta.data.mds_convert import to_mds
 
     m = to_mds(
         a.src,
@@ -678,12 +313,12 @@ def cmd_to_mds(a: argparse.Namespace) -> int:
         cache_dir=a.cache_dir,
         progress=not a.quiet,
     )
-    print(f"wrote {a.dst} (MDS): {_totals(m)}")
+    print(f"wrote {a.dst} (MDS): {m.summary()}")
     return 0
 
 
 def cmd_from_mds(a: argparse.Namespace) -> int:
-    from loretta.data.mds import from_mds
+    from loretta.data.mds_convert import from_mds
 
     m = from_mds(
         a.src,
@@ -694,7 +329,7 @@ def cmd_from_mds(a: argparse.Namespace) -> int:
         cache_dir=a.cache_dir,
         progress=not a.quiet,
     )
-    print(f"wrote {a.dst}: {_totals(m)}")
+    print(f"wrote {a.dst}: {m.summary()}")
     return 0
 
 
@@ -740,7 +375,7 @@ def cmd_synth(a: argparse.Namespace) -> int:
         meta={"synthetic": to_dict(cfg)},  # what ensure_synthetic compares against
         progress=not a.quiet,
     )
-    print(f"wrote {a.out}: {_totals(m)}")
+    print(f"wrote {a.out}: {m.summary()}")
     return 0
 
 
@@ -793,11 +428,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    p = add("index", cmd_index, "write manifest.json + index.npy for existing webdataset tars")
+    p = add(
+        "index",
+        cmd_index,
+        "write manifest + index for existing webdataset tars (.tar, .tar.gz: decompressed "
+        "beside them) or for an MDS folder written by a plain MDSWriter",
+    )
     p.add_argument("folder")
     p.add_argument(
         "--layout", help="layout.json (default: the layout of the folder's existing manifest)"
     )
+    p.add_argument("--quiet", action="store_true", help="no progress bar (MDS folders)")
 
     p = add("inspect", cmd_inspect, "print the manifest summary and the first samples")
     p.add_argument("path", help="a dataset folder or URL (webdataset or MDS), or one .tar shard")

@@ -46,7 +46,8 @@ from tokenizers import Tokenizer
 
 from loretta.configlib import apply_overrides, from_dict, to_dict
 from loretta.data.format import atomic_write_bytes, atomic_write_json, file_lock
-from loretta.data.shards import Sample, _read_manifest_file, write_dataset
+from loretta.data.format import read_manifest as _read_manifest_file
+from loretta.data.shards import Sample, write_dataset
 from loretta.demo import espeak, texts, vision
 from loretta.demo.speech import (
     SPEECH_LANGUAGES,
