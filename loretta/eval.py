@@ -43,13 +43,16 @@ def conditional_logprob(
     batch_size: int = 32,
     normalize: bool = True,
     forward: Any = None,
+    max_rows: int = 1024,
 ) -> np.ndarray:
     """scores[i, k] = log p(target_k | cond_i), summed (or averaged, with normalize) over the
     target's content tokens. `forward` replaces model(...) (e.g. the engine's gathered forward
     under ZeRO-3, which runs no collective per call).
 
-    Each condition's prefix `[bos] <a> A <c>` runs once; its KV cache is then shared by a
-    batch of targets, so the cost is N prefixes + N*K targets, not N*K full documents."""
+    Conditions whose prefixes `[bos] <a> A <c>` have the same length run together; each prefix
+    runs once and its KV cache is shared by every target, in rows of (condition, target) pairs
+    at most `max_rows` at a time: N prefixes + N*K targets in few large calls. batch_size is the
+    least number of conditions per call."""
     model.eval()
     fwd = forward or model
     dev = model.tok_embeddings.weight.device
@@ -60,26 +63,45 @@ def conditional_logprob(
     scores = np.zeros((len(conds), len(targets)))
     for name, ks in by_mod.items():
         off = layout[name].offset
-        tgts = [np.asarray(targets[k][1], dtype=np.int64) + off for k in ks]
-        for i, cond in enumerate(conds):
-            prefix = torch.from_numpy(encode(layout, [cond], open_=name))[None].to(dev)
-            P = prefix.shape[1]
-            pcache = KVCache.empty(model.cfg, 1, P, dev, dtype)
-            first = F.log_softmax(fwd(prefix, cache=pcache)[0, -1].float(), -1).cpu()
-            for lo in range(0, len(ks), batch_size):
-                chunk = tgts[lo : lo + batch_size]
-                ids, lens = _pad(chunk, layout.pad_id)
-                n, T = ids.shape
-                cache = KVCache.empty(model.cfg, n, P + T, dev, dtype)
-                cache.k[:, :, :P] = pcache.k[:, :, :P]  # broadcast the prefix to every target
-                cache.v[:, :, :P] = pcache.v[:, :, :P]
-                cache.length = P
-                pos = torch.arange(P, P + T, device=dev).expand(n, T)
-                logp = F.log_softmax(fwd(ids.to(dev), pos, cache=cache).float(), -1).cpu()
-                for j, (row, L) in enumerate(zip(logp, lens.tolist())):
-                    tok = ids[j, :L]
-                    lp = first[tok[0]].item() + row[: L - 1].gather(1, tok[1:, None]).sum().item()
-                    scores[i, ks[lo + j]] = lp / L if normalize else lp
+        ids_t, lens_t = _pad(
+            [np.asarray(targets[k][1], dtype=np.int64) + off for k in ks], layout.pad_id
+        )
+        K, T = ids_t.shape
+        tok0 = ids_t[:, 0].to(dev)  # (K,)
+        # log p of target token t+1 is read at row position t; padded positions count nothing
+        valid = (torch.arange(T)[None, :] < (lens_t[:, None] - 1)).to(dev)  # (K, T)
+        nxt = torch.cat([ids_t[:, 1:], ids_t[:, :1]], 1).to(dev)  # (K, T) next-token ids
+        prefixes = [encode(layout, [c], open_=name) for c in conds]
+        groups: dict[int, list[int]] = {}
+        for i, pre in enumerate(prefixes):
+            groups.setdefault(len(pre), []).append(i)
+        per_call = max(batch_size, max_rows // max(K, 1), 1)
+        for P, idx in groups.items():
+            for lo in range(0, len(idx), per_call):
+                chunk = idx[lo : lo + per_call]
+                Q = len(chunk)
+                pre = torch.from_numpy(np.stack([prefixes[i] for i in chunk])).to(dev)  # (Q, P)
+                pcache = KVCache.empty(model.cfg, Q, P, dev, dtype)
+                first = F.log_softmax(fwd(pre, cache=pcache)[:, -1].float(), -1)  # (Q, V)
+                lp = first[:, tok0]  # (Q, K): log p(first target token | prefix)
+                for klo in range(0, K, max(1, max_rows // Q)):
+                    kk = slice(klo, min(K, klo + max(1, max_rows // Q)))
+                    n_k = kk.stop - kk.start
+                    cache = KVCache.empty(model.cfg, Q * n_k, P + T, dev, dtype)
+                    # query-major rows: row q*n_k + j = (condition q, target j)
+                    cache.k[:, :, :P] = pcache.k.repeat_interleave(n_k, dim=1)
+                    cache.v[:, :, :P] = pcache.v.repeat_interleave(n_k, dim=1)
+                    cache.length = P
+                    ids = ids_t[kk].to(dev).repeat(Q, 1)  # (Q*n_k, T)
+                    pos = torch.arange(P, P + T, device=dev).expand(Q * n_k, T)
+                    logp = F.log_softmax(fwd(ids, pos, cache=cache).float(), -1)
+                    got = logp.gather(2, nxt[kk].repeat(Q, 1)[..., None])[..., 0]  # (Q*n_k, T)
+                    got = (got * valid[kk].repeat(Q, 1)).sum(1).view(Q, n_k)
+                    lp[:, kk] += got
+                lp = lp.cpu().double()
+                if normalize:
+                    lp = lp / lens_t[None, :].double()
+                scores[np.ix_(chunk, ks)] = lp.numpy()
     return scores
 
 

@@ -55,10 +55,10 @@ def untrained(layout: object, seed: int) -> Decoder:
 def test_untrained_models_score_chance_on_every_zero_shot_score(
     svl: dict[str, Path], tmp_path: Path
 ) -> None:
-    from loretta.data.shards import open_dataset
+    from loretta.data.sources import open_dataset
 
     layout = open_dataset(str(svl["val"])).layout
-    preset = pipeline.Preset("tiny", SVL, "svl_digits", 1, 5, 20, [], [])
+    preset = pipeline.Preset("tiny", SVL, "svl_digits", 1, 5, 20, 0, [], [])
     ev = pipeline.load_eval_data(svl, "val", preset)
     scores: dict[str, list[float]] = {}
     for seed in range(3):  # three random models: 900 query outcomes per score
@@ -101,14 +101,14 @@ def test_retrieval_finds_a_planted_link_and_excludes_own_items() -> None:
 
 def test_selection_on_validation_never_reads_test(svl: dict[str, Path], tmp_path: Path) -> None:
     """Evaluation on val works with the test split gone: nothing on that path opens it."""
-    from loretta.data.shards import open_dataset
+    from loretta.data.sources import open_dataset
 
     data = {k: tmp_path / k for k in svl}
     for k, v in svl.items():
         if k != "test":
             shutil.copytree(v, data[k])
     layout = open_dataset(str(data["val"])).layout
-    preset = pipeline.Preset("tiny", SVL, "svl_digits", 1, 2, 10, [], [])
+    preset = pipeline.Preset("tiny", SVL, "svl_digits", 1, 2, 10, 0, [], [])
     ev = pipeline.load_eval_data(data, "val", preset)
     res = pipeline.evaluate_model(untrained(layout, 0), layout, data, ev, 10, (1.0, 1))
     assert set(res["items"]) == {

@@ -88,6 +88,7 @@ class Preset:
     steps: int
     gallery_per_class: int  # held-out items per class that queries are scored against
     seen_items: int  # queries for the seen pairs (context only; the missing pair uses all)
+    monitor_interval: int  # steps between live linking-monitor scores on the val split (0: off)
     methods: list[str]
     seeds: list[int]
     overrides: list[str] = field(default_factory=list)
@@ -114,6 +115,7 @@ PRESETS = {
         steps=2000,
         gallery_per_class=5,
         seen_items=100,
+        monitor_interval=500,
         methods=["commutative", "loretta", "control"],
         seeds=[2000],
     ),
@@ -125,6 +127,7 @@ PRESETS = {
         steps=2000,
         gallery_per_class=5,
         seen_items=100,
+        monitor_interval=500,
         methods=["commutative", "loretta", "loretta_faithful", "control", "ceiling"],
         seeds=[1000, 1001, 1002],
     ),
@@ -143,6 +146,7 @@ PRESETS = {
         steps=6,
         gallery_per_class=2,
         seen_items=10,
+        monitor_interval=3,
         methods=["gpt", "commutative", "loretta", "control", "ceiling"],
         seeds=[0],
         overrides=[
@@ -156,9 +160,10 @@ PRESETS = {
         "default",
         {**CPU_DATA, "image_side": 14, "image_levels": 16, "speech_levels": 16},
         "svl_digits_large",
-        steps=6000,
+        steps=3000,
         gallery_per_class=10,
         seen_items=200,
+        monitor_interval=500,
         methods=["gpt", "commutative", "loretta", "loretta_faithful", "control", "ceiling"],
         seeds=[1000, 1001, 1002],
     ),
@@ -219,6 +224,8 @@ def train(
         f"--run.steps={steps}",
         _sources(data, spec.ceiling),
         "--checkpoint.keep_last=2",
+        f"--monitor.interval={preset.monitor_interval}",
+        f"--monitor.data={data['val']}",
         *preset.overrides,
         *spec.overrides,
         *extra,
@@ -513,6 +520,17 @@ def write_report(report: Path, s: dict[str, Any], meta: dict[str, Any]) -> None:
         "",
         "![loss per direction](loss_per_direction.png)",
         "",
+        *(
+            [
+                "The live linking monitor (validation split, during training): missing-pair "
+                "retrieval and the class information of the generator's samples.",
+                "",
+                "![monitor](monitor.png)",
+                "",
+            ]
+            if meta.get("monitor_plot")
+            else []
+        ),
         f"Wall time {meta['wall_s']:.0f} s on {meta['device']}. Data: {meta['data']}. "
         f"Pseudo-modality decoding per method: {meta['decoding']}.",
     ]
@@ -554,6 +572,49 @@ def loss_plot(runs: dict[str, Path], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+
+
+def monitor_plot(runs: dict[str, Path], out: Path) -> bool:
+    """The live linking monitor's validation curves (monitor/... metrics), one panel per score;
+    a branch's curve continues its trunk's. False when no run logged any."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for method, run in runs.items():
+        seed = run.name.split("-")[-1]
+        files = [run / "metrics.jsonl"]
+        if METHODS[method].branch:
+            files.insert(0, run.parent / f"{TRUNK}-{seed}" / "metrics.jsonl")
+        for f in files:
+            if not f.exists():
+                continue
+            for line in f.read_text().splitlines():
+                r = json.loads(line)
+                for k, v in r.items():
+                    if k.startswith("monitor/"):
+                        curves.setdefault(k.removeprefix("monitor/"), {}).setdefault(
+                            method, []
+                        ).append((r["step"], v))
+    if not curves:
+        return False
+    keys = sorted(curves)
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.0), squeeze=False)
+    for ax, k in zip(axes[0], keys):
+        for method, pts in curves[k].items():
+            pts = sorted(dict(pts).items())
+            ax.plot(*zip(*pts), label=method, lw=1)
+        ax.axhline(0.1, color="gray", ls=":", lw=1)
+        ax.set_title(k, fontsize=8)
+        ax.set_xlabel("step")
+    axes[0][0].set_ylabel("validation accuracy")
+    axes[0][0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def accuracy_plot(s: dict[str, Any], out: Path) -> None:
@@ -638,6 +699,7 @@ def run(
     shutil.rmtree(report, ignore_errors=True)
     report.mkdir(parents=True)
     loss_plot(runs, report / "loss_per_direction.png")
+    has_monitor = monitor_plot(runs, report / "monitor.png")
     accuracy_plot(summary, report / "accuracy.png")
     meta = {
         "preset": preset_name,
@@ -651,6 +713,7 @@ def run(
         "raw_probes": raw_probes(ev, layout),
         "decoding": {m: {"temperature": d[0], "top_k": d[1]} for m, d in decoding.items()},
         "wall_s": time.time() - t0,
+        "monitor_plot": has_monitor,
         "nproc": nproc,
         "data": str(data_root),
         "device": "GPU" if torch.cuda.is_available() else f"CPU x{nproc} processes",

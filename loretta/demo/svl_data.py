@@ -46,7 +46,7 @@ from tokenizers import Tokenizer
 
 from loretta.configlib import apply_overrides, from_dict, to_dict
 from loretta.data.format import atomic_write_bytes, atomic_write_json, file_lock
-from loretta.data.format import read_manifest as _read_manifest_file
+from loretta.data.format import read_manifest
 from loretta.data.shards import Sample, write_dataset
 from loretta.demo import espeak, texts, vision
 from loretta.demo.speech import (
@@ -372,7 +372,7 @@ def _cache_hit(out: Path, cfg: SvlDigitsConfig, fp: str) -> bool:
         return False
     for split in cfg.splits:
         try:
-            manifest = _read_manifest_file(out / split / "manifest.json")
+            manifest = read_manifest(out / split / "manifest.json")
         except DataError:
             return False
         if manifest.meta.get("svl", {}).get("fingerprint") != fp:
@@ -387,7 +387,7 @@ def _check_ours(out: Path) -> None:
         if not folder.exists():
             continue
         try:
-            ours = "svl" in _read_manifest_file(folder / "manifest.json").meta
+            ours = "svl" in read_manifest(folder / "manifest.json").meta
         except DataError:
             ours = False
         if not ours:
