@@ -162,7 +162,7 @@ def balanced(labels: np.ndarray, per_class: int, seed: int = 0) -> np.ndarray:
 
 
 def evaluate(ckpt: Path, data: dict[str, Path], preset: Preset) -> dict[str, float]:
-    from loretta.convert import load_model
+    from loretta.checkpoint.load import load_model
     from loretta.eval import (
         fit_linear,
         generate_modality,
@@ -214,7 +214,7 @@ def generate_grid(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from loretta.convert import load_model
+    from loretta.checkpoint.load import load_model
     from loretta.demo.svl_data import SvlDigits
     from loretta.eval import generate_modality, labelled
 
