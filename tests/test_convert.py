@@ -451,7 +451,7 @@ def test_hf_export_tokenizer_loads_in_transformers(
     # the folder is a complete transformers model: a pipeline builds and generates from it
     gen = transformers.pipeline("text-generation", model=str(dst), device="cpu")
     out = gen("<s> <a>", max_new_tokens=3, do_sample=False)[0]["generated_text"]
-    assert out.startswith("<s> <a>") and len(tok(out)["input_ids"]) == 5
+    assert out.startswith("<s> <a>") and 2 < len(tok(out)["input_ids"]) <= 5
 
 
 def test_hf_export_carries_the_text_tokenizer(run_a: Path, tmp_path: Path) -> None:
