@@ -14,8 +14,9 @@ a parameter is gathered. Each parameter's W slices are copied into one buffer, h
 the mapped pages just read are released (madvise DONTNEED), so resident memory holds about one
 parameter (plus the shard being written), not the model; DeepSpeed's zero_to_fp32 holds the
 whole model. The flat groups are read front to back, so each one's CRC-32 is computed on the
-way and compared with its zip record's: a flipped byte in a rank file is an error, not silently
-wrong weights (torch.load's mapping checks nothing).
+way (on a worker thread, overlapping the reads) and compared with its zip record's: a flipped
+byte in a rank file is an error, not silently wrong weights (torch.load's mapping checks
+nothing).
 """
 
 from __future__ import annotations
@@ -27,8 +28,11 @@ import mmap
 import re
 import sys
 import zlib
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -68,12 +72,37 @@ def _release(addr: int, end: int) -> None:
         _libc.madvise(start, stop - start, _MADV_DONTNEED)
 
 
+class _Crc:
+    """CRC-32s computed on one worker thread, in submission order, while the main thread reads
+    on (zlib releases the GIL): the check costs a second core's time, not wall time. At most
+    `lag` buffers wait, so memory stays bounded."""
+
+    def __init__(self, lag: int = 8) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loretta-crc")
+        self._pending: deque[Future[None]] = deque()
+        self._lag = lag
+
+    def submit(self, fn: Callable[[], None]) -> None:
+        self._pending.append(self._pool.submit(fn))
+        while len(self._pending) > self._lag:
+            self._pending.popleft().result()
+
+    def wait(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
 class _FlatReader:
     """One fp32 flat group of one rank (a view of the mapped rank file), read front to back so
     that its zip record's CRC-32 can be checked once it has been read completely."""
 
-    def __init__(self, path: Path, flat: torch.Tensor, crcs: dict[int, set[int]]) -> None:
-        self.path, self.flat, self.numel = path, flat, flat.numel()
+    def __init__(
+        self, path: Path, flat: torch.Tensor, crcs: dict[int, set[int]], worker: _Crc
+    ) -> None:
+        self.path, self.flat, self.numel, self.worker = path, flat, flat.numel(), worker
         nbytes = flat.untyped_storage().nbytes()
         # the CRC covers the whole record: checkable when the tensor is the whole record
         self.checkable = flat.storage_offset() == 0 and self.numel * 4 == nbytes
@@ -81,13 +110,16 @@ class _FlatReader:
         self.pos, self.crc = 0, 0
         self.released = flat.data_ptr()
 
+    def _update(self, data: torch.Tensor) -> None:
+        self.crc = zlib.crc32(bytes_view(data), self.crc)
+
     def read(self, elem: int, dst: torch.Tensor) -> None:
         n = dst.numel()
         if self.checkable and elem > self.pos:  # skip forward through elements we don't need
             self._advance(elem - self.pos)
         dst.copy_(self.flat[elem : elem + n])
         if self.checkable and elem == self.pos:
-            self.crc = zlib.crc32(bytes_view(dst), self.crc)
+            self.worker.submit(partial(self._update, dst))  # dst is never written again
             self.pos += n
         else:  # random access: this record can no longer be checked
             self.checkable = False
@@ -104,9 +136,11 @@ class _FlatReader:
             n -= k
 
     def finish(self) -> None:
+        """Read what is left and compare the CRC (call worker.wait() first)."""
         if not self.checkable:
             return
         self._advance(self.numel - self.pos)
+        self.worker.wait()
         if self.crc not in self.expected:
             raise CheckpointError(
                 f"{self.path}: fp32 weights fail their CRC-32 check (read {self.crc:08x}, "
@@ -243,25 +277,33 @@ class ZeroSource(Source):
                     break
         return buf[: math.prod(slot.shape)].view(slot.shape)
 
-    def _readers(self) -> list[list[_FlatReader]]:
+    def _readers(self, worker: _Crc) -> list[list[_FlatReader]]:
         return [
-            [_FlatReader(p, g, crcs) for g in gs]
+            [_FlatReader(p, g, crcs, worker) for g in gs]
             for p, gs, crcs in zip(self._files, self._groups, self._crcs)
         ]
 
     def iter_ours(self) -> Iterator[tuple[str, torch.Tensor]]:
-        readers = self._readers()
-        for slot in self._slots:
-            yield slot.name, self._gather(slot, readers)
-        for records in readers:
-            for rec in records:
-                rec.finish()
+        worker = _Crc()
+        try:
+            readers = self._readers(worker)
+            for slot in self._slots:
+                yield slot.name, self._gather(slot, readers)
+            for records in readers:
+                for rec in records:
+                    rec.finish()
+        finally:
+            worker.close()
 
     def read_ours(self, name: str) -> torch.Tensor:
         slot = next((s for s in self._slots if s.name == name), None)
         if slot is None:
             raise KeyError(name)
-        return self._gather(slot, self._readers())
+        worker = _Crc()
+        try:
+            return self._gather(slot, self._readers(worker))
+        finally:
+            worker.close()
 
     def close(self) -> None:
         self._groups = []  # drop the views; the mappings go with the last reference
