@@ -62,6 +62,26 @@ if sys.platform == "linux":
         _libc = None
 
 
+def _file_backed(path: Path, t: torch.Tensor) -> bool:
+    """Whether tensor `t` lies in a mapping of file `path` (/proc/self/maps): only then may its
+    pages be released, since releasing anonymous memory would lose the data."""
+    if _libc is None or t.numel() == 0:
+        return False
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return False
+    target, ends = str(path.resolve()), (t.data_ptr(), t.data_ptr() + t.numel() * 4 - 1)
+    found = 0
+    for line in maps:
+        parts = line.split(maxsplit=5)
+        lo, hi = (int(x, 16) for x in parts[0].split("-"))
+        for a in ends:
+            if lo <= a < hi and len(parts) == 6 and parts[5] == target:
+                found += 1
+    return found == 2
+
+
 def _release(addr: int, end: int) -> None:
     """Drop the whole pages of mapped file bytes [addr, end) from this process's resident set.
     The mapping is private and never written, so a later access re-reads the file: only
@@ -109,6 +129,7 @@ class _FlatReader:
         self.expected = crcs.get(nbytes, set())
         self.pos, self.crc = 0, 0
         self.released = flat.data_ptr()
+        self.releasable = _file_backed(path, flat)
 
     def _update(self, data: torch.Tensor) -> None:
         self.crc = zlib.crc32(bytes_view(data), self.crc)
@@ -124,7 +145,7 @@ class _FlatReader:
         else:  # random access: this record can no longer be checked
             self.checkable = False
         end = self.flat.data_ptr() + (elem + n) * 4
-        if end > self.released:
+        if self.releasable and end > self.released:
             _release(self.released, end)
             self.released = end
 
