@@ -1,25 +1,27 @@
 """Bench: our ZeRO-3 -> safetensors conversion against DeepSpeed's zero_to_fp32, same checkpoint.
 
-    python bench/convert.py [--workdir DIR] [--repeats 3]
+    python bench/convert.py [--workdir DIR] [--repeats 3]      # 507M parameters (2 GB fp32)
+    python bench/convert.py --tiny                              # seconds; what tests run
 
-Builds once (cached in --workdir) a real 2-rank ZeRO-3 checkpoint of a ~114M-parameter decoder
-(dim 768, 16 layers, tiny synthetic data) with one training step of `python -m loretta.pretrain`
-under torchrun, then runs each converter in its own subprocess, alternating, --repeats times:
+The checkpoint is real: one training step of `python -m loretta.pretrain` under torchrun with
+one process (DeepSpeed ZeRO-3, fp32, Adam), saved by DeepSpeed's own save_checkpoint; built once
+and cached in --workdir. Full size: dim 2048, 10 layers, 16 heads, vocabulary 192 = 506.8M
+parameters (world size 1 keeps the build within a small machine's memory; the multi-rank
+merge is covered by tests/test_convert.py against zero_to_fp32 at 2 and 3 ranks).
 
-    ours    python tools/convert_checkpoint.py STEP OUT --to safetensors
-    theirs  python -m deepspeed.utils.zero_to_fp32 STEP OUT -t ds --safe_serialization
-    ours_hf python tools/convert_checkpoint.py STEP OUT --to hf            (for information)
+Each measurement is one fresh child process (this file with --child), the same for both sides:
 
-Wall time includes interpreter start and imports (what a user waits for); peak RSS is the
-child's ru_maxrss from os.wait4. The rank files are read once beforehand so every run sees a
-warm page cache. Times are the best of the repeats.
+    ours    loretta.checkpoint.export.convert(STEP, OUT, "safetensors", shard_size=5GB)
+    theirs  deepspeed.utils.zero_to_fp32.convert_zero_checkpoint_to_fp32_state_dict(
+                STEP, OUT, tag="ds", safe_serialization=True, max_shard_size="5GB")
 
-Importing the CUDA build of torch alone peaks at ~540 MB RSS, and at ~690 MB with a normal
-interpreter exit (C++ static destructors); our wrapper exits with os._exit once its files are
-fsynced, zero_to_fp32 exits normally. Both import-only baselines are reported (they vary by some
-30 MB from run to run with what the page cache holds). The last line is one JSON object:
-time_ratio = ours / theirs (target <= 1.0), peak_rss_over_model_bytes = our peak RSS / fp32
-model bytes (target <= 1.5), plus the raw numbers.
+The child imports everything first (torch, DeepSpeed or loretta), then times the conversion
+alone with perf_counter, so imports are excluded on both sides; both exit normally. Peak RSS is
+the child's ru_maxrss from os.wait4 (imports included, so it is conservative); the RSS after
+imports is reported too. The rank files are read once beforehand so every run sees a warm page
+cache; in each child an untimed warm-up conversion precedes the timed one (zero_to_fp32 imports
+seconds of modules lazily); --repeats children per side, alternating; both report the median. The last line is one JSON object: time_ratio = ours / theirs (goal
+<= 1.0), peak_rss_over_model_bytes = our peak RSS / fp32 model bytes (goal <= 1.5), params.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ import json
 import math
 import os
 import platform
+import resource
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -39,19 +43,22 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-MODEL = {"model.dim": 768, "model.n_layers": 16, "model.n_heads": 12, "model.n_kv_heads": 0}
+FULL = {"model.dim": 2048, "model.n_layers": 10, "model.n_heads": 16, "model.n_kv_heads": 0}
+TINY = {"model.dim": 64, "model.n_layers": 2, "model.n_heads": 4, "model.n_kv_heads": 0}
+SHARD = "5GB"  # zero_to_fp32's default max_shard_size; both sides write one file here
 
 
 def env() -> dict[str, str]:
     e = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="disabled")
+    e["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), e.get("PYTHONPATH")) if p)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         e["MASTER_PORT"] = str(s.getsockname()[1])
     return e
 
 
-def build_checkpoint(work: Path) -> Path:
-    """A real 2-rank ZeRO-3 checkpoint (one step) of the bench model; reused when present."""
+def build_checkpoint(work: Path, model: dict[str, int]) -> Path:
+    """A real 1-process ZeRO-3 checkpoint (one step) of the bench model; reused when present."""
     import yaml
 
     from loretta.config import load_config
@@ -62,8 +69,8 @@ def build_checkpoint(work: Path) -> Path:
     root = work / "run" / "checkpoints"
     found = latest_complete(root)
     if found is not None:
-        model = yaml.safe_load((found / "config.yaml").read_text())["model"]
-        if all(model[k.split(".")[1]] == v for k, v in MODEL.items()):
+        have = yaml.safe_load((found / "config.yaml").read_text())["model"]
+        if all(have[k.split(".")[1]] == v for k, v in model.items()):
             return found
         shutil.rmtree(work / "run")  # built for another model size
     syn = load_config("tiny").data.sources[0].synthetic
@@ -77,7 +84,7 @@ def build_checkpoint(work: Path) -> Path:
         "run.run_dir": str(work / "run"),
         "run.steps": 1,
         "optim.warmup_steps": 1,
-        **MODEL,
+        **model,
         "data.seq_len": 64,
         "data.micro_batch_size": 1,
         "data.sources.0.path": str(work / "data"),
@@ -87,7 +94,7 @@ def build_checkpoint(work: Path) -> Path:
     e = env()
     cmd = [
         str(Path(PY).parent / "torchrun"),
-        "--nproc_per_node=2",
+        "--nproc_per_node=1",
         "--master_addr=127.0.0.1",
         f"--master_port={e['MASTER_PORT']}",
         "-m",
@@ -106,26 +113,58 @@ def build_checkpoint(work: Path) -> Path:
     return found
 
 
-def measure(cmd: list[str]) -> tuple[float, int]:
-    """(wall seconds, peak RSS bytes) of one child process."""
+def child(side: str, step: str, out: str) -> None:
+    """One timed conversion. An untimed conversion into OUT.warmup runs first in the same
+    process: zero_to_fp32 imports several seconds of modules lazily (huggingface_hub's
+    serialization, ...), and imports are excluded on both sides."""
+    if side == "ours":
+        from loretta.checkpoint.export import convert
+        from loretta.checkpoint.sizes import parse_byte_size
+
+        shard = parse_byte_size(SHARD)
+
+        def run(dst: str) -> None:
+            convert(step, dst, "safetensors", shard_size=shard, progress=False)
+
+    else:
+        from deepspeed.utils.zero_to_fp32 import convert_zero_checkpoint_to_fp32_state_dict
+
+        def run(dst: str) -> None:
+            convert_zero_checkpoint_to_fp32_state_dict(
+                step, dst, max_shard_size=SHARD, safe_serialization=True, tag="ds"
+            )
+
+    rss_imports = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    run(out + ".warmup")
+    shutil.rmtree(out + ".warmup")
     t0 = time.perf_counter()
+    run(out)
+    seconds = time.perf_counter() - t0
+    print(json.dumps({"seconds": seconds, "rss_after_imports": rss_imports}))
+
+
+def measure(side: str, step: Path, out: Path) -> dict[str, Any]:
+    """Seconds of the conversion and peak RSS bytes of one child process."""
+    shutil.rmtree(out, ignore_errors=True)
+    cmd = [PY, __file__, "--child", side, str(step), str(out)]
     proc = subprocess.Popen(
-        cmd, env=env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        cmd, env=env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    err = proc.stderr.read().decode() if proc.stderr else ""
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{err[-4000:]}")
-    return wall, usage.ru_maxrss * 1024  # Linux reports KiB
+    stdout = proc.stdout.read() if proc.stdout else ""
+    err = proc.stderr.read() if proc.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        sys.exit(f"{' '.join(cmd)} failed:\n{err[-4000:]}")
+    row: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
+    row["peak_rss"] = usage.ru_maxrss * 1024  # Linux reports KiB
+    return row
 
 
 def same_tensors(a: Path, b: Path) -> bool:
     """Both outputs hold the same tensors bitwise (read one tensor at a time)."""
     import torch
 
-    from loretta.convert import SafetensorsFolder
+    from loretta.checkpoint.io import SafetensorsFolder
 
     fa, fb = SafetensorsFolder(a), SafetensorsFolder(b)
     names = {i.name for i in fa.infos()}
@@ -135,14 +174,21 @@ def same_tensors(a: Path, b: Path) -> bool:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workdir", default="/tmp/loretta-bench-convert")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    ap.add_argument("--workdir", default=None, help="default /tmp/loretta-bench-convert[-tiny]")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per side (3; tiny 1)")
+    ap.add_argument("--tiny", action="store_true", help="a 123K-parameter model: seconds")
+    ap.add_argument("--child", nargs=3, metavar=("SIDE", "STEP", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    work = Path(args.workdir)
-    step = build_checkpoint(work)
+    if args.child:
+        child(*args.child)
+        return
+    repeats = args.repeats or (1 if args.tiny else 3)
+    work = Path(args.workdir or f"/tmp/loretta-bench-convert{'-tiny' if args.tiny else ''}")
+    step = build_checkpoint(work, TINY if args.tiny else FULL)
 
-    from loretta.convert import open_source, param_shapes
+    from loretta.checkpoint.hf import param_shapes
+    from loretta.checkpoint.load import open_source
 
     with open_source(step) as src:
         cfg = src.model_cfg
@@ -153,76 +199,39 @@ def main() -> None:
             while fh.read(1 << 24):
                 pass
 
-    outs = {k: work / f"out_{k}" for k in ("ours", "theirs", "ours_hf")}
-    cmds = {
-        "theirs": [
-            PY,
-            "-m",
-            "deepspeed.utils.zero_to_fp32",
-            str(step),
-            str(outs["theirs"]),
-            "-t",
-            "ds",
-            "--safe_serialization",
-        ],
-        "ours": [
-            PY,
-            str(REPO / "tools" / "convert_checkpoint.py"),
-            str(step),
-            str(outs["ours"]),
-            "--to",
-            "safetensors",
-            "--no-progress",
-        ],
-        "ours_hf": [
-            PY,
-            str(REPO / "tools" / "convert_checkpoint.py"),
-            str(step),
-            str(outs["ours_hf"]),
-            "--to",
-            "hf",
-            "--no-progress",
-        ],
-    }
-    samples: dict[str, list[tuple[float, int]]] = {k: [] for k in cmds}
-    for _ in range(args.repeats):
-        for name, cmd in cmds.items():
-            shutil.rmtree(outs[name], ignore_errors=True)
-            samples[name].append(measure(cmd))
+    outs = {side: work / f"out_{side}" for side in ("ours", "theirs")}
+    samples: dict[str, list[dict[str, Any]]] = {side: [] for side in outs}
+    for i in range(repeats):
+        for side in ("ours", "theirs") if i % 2 == 0 else ("theirs", "ours"):
+            samples[side].append(measure(side, step, outs[side]))
     equal = same_tensors(outs["ours"], outs["theirs"])
-    # what importing torch alone costs (the CUDA build), with a normal and with a fast exit
-    import_rss = measure([PY, "-c", "import loretta.convert"])[1]
-    import_fast_rss = measure([PY, "-c", "import os, loretta.convert; os._exit(0)"])[1]
 
-    def best(name: str) -> tuple[float, int]:
-        return min(s[0] for s in samples[name]), max(s[1] for s in samples[name])
+    def med(side: str, key: str) -> float:
+        return float(statistics.median(r[key] for r in samples[side]))
 
-    (ours_s, ours_rss), (theirs_s, theirs_rss), (hf_s, hf_rss) = (
-        best("ours"),
-        best("theirs"),
-        best("ours_hf"),
-    )
+    ours_s, theirs_s = med("ours", "seconds"), med("theirs", "seconds")
+    ours_rss = max(r["peak_rss"] for r in samples["ours"])
+    theirs_rss = max(r["peak_rss"] for r in samples["theirs"])
     result: dict[str, Any] = {
         "bench": "convert",
+        "mode": "tiny" if args.tiny else "full",
         "machine": f"{os.cpu_count()}-core CPU ({platform.machine()}), no GPU",
         "checkpoint": str(step),
-        "world_size": 2,
+        "world_size": 1,
         "params": params,
         "model_bytes_fp32": model_bytes,
+        "statistic": f"median of {repeats}, each after an in-process warm-up; imports excluded",
         "ours_s": round(ours_s, 3),
         "theirs_s": round(theirs_s, 3),
         "time_ratio": round(ours_s / theirs_s, 3),
         "ours_peak_rss_bytes": ours_rss,
         "theirs_peak_rss_bytes": theirs_rss,
+        "ours_rss_after_imports_bytes": int(med("ours", "rss_after_imports")),
+        "theirs_rss_after_imports_bytes": int(med("theirs", "rss_after_imports")),
         "peak_rss_over_model_bytes": round(ours_rss / model_bytes, 3),
         "theirs_peak_rss_over_model_bytes": round(theirs_rss / model_bytes, 3),
-        "import_only_peak_rss_bytes": import_rss,
-        "import_only_fast_exit_peak_rss_bytes": import_fast_rss,
-        "ours_hf_s": round(hf_s, 3),
-        "ours_hf_peak_rss_bytes": hf_rss,
         "outputs_bitwise_equal": equal,
-        "repeats": args.repeats,
-        "samples_s": {k: [round(s[0], 3) for s in v] for k, v in samples.items()},
+        "samples_s": {k: [round(r["seconds"], 3) for r in v] for k, v in samples.items()},
     }
     print(json.dumps(result))
 

@@ -294,7 +294,9 @@ class CheckpointConfig:
     keep_last: int = 3
     resume: str = "none"  # none | auto (latest complete in the run dir) | a checkpoint path
     save_final: bool = True
-    init_from: str = ""  # warm start: consolidated safetensors or Hugging Face folder (see convert)
+    init_from: str = ""  # warm start: a checkpoint, consolidated or Hugging Face folder
+    # layout.json of an init_from Hugging Face folder that loretta did not write
+    init_layout: str = ""
 
     def problems(self, p: str = "checkpoint") -> list[str]:
         out = []
@@ -304,6 +306,8 @@ class CheckpointConfig:
             out.append(f"{p}.keep_last={self.keep_last}: must be >= 1")
         if not self.resume:
             out.append(f"{p}.resume: empty; use none, auto or a checkpoint folder")
+        if self.init_layout and not self.init_from:
+            out.append(f"{p}.init_layout={self.init_layout!r}: set only with {p}.init_from")
         return out
 
 

@@ -6,7 +6,7 @@ ranking class prototypes), pooled hidden states and linear probes, and generatio
     loretta-eval generate CKPT --data TEST --from speech --to image -n 8
 
 CKPT is a checkpoint step folder, a run's checkpoints/ folder, a consolidated export or a
-Hugging Face export (see loretta/convert.py).
+Hugging Face export (see loretta/checkpoint/).
 """
 
 from __future__ import annotations
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     for p in (z, pr, g):
         p.add_argument("--device", default="cpu")
     a = ap.parse_args(argv)
-    from loretta.convert import load_model
+    from loretta.checkpoint.load import load_model
     from loretta.errors import LorettaError
 
     try:

@@ -74,7 +74,7 @@ def train(
 
 
 def evaluate(ckpt: Path, data: dict[str, Path], per_class: int = 3) -> dict[str, float]:
-    from loretta.convert import load_model
+    from loretta.checkpoint.load import load_model
     from loretta.eval import labelled, prototypes_from, zero_shot
 
     model, layout = load_model(ckpt)

@@ -21,7 +21,13 @@ import torch
 from helpers import PY, REPO, base_env, losses, tiny_overrides, torchrun
 from safetensors.torch import load_file
 
-from loretta import convert as C
+from loretta.checkpoint.cli import main
+from loretta.checkpoint.export import convert
+from loretta.checkpoint.hf import param_shapes
+from loretta.checkpoint.io import INDEX_FILE, SINGLE_FILE
+from loretta.checkpoint.load import load_for_init, load_model, open_source
+from loretta.checkpoint.sizes import parse_byte_size
+from loretta.checkpoint.verify import inspect, verify
 from loretta.errors import CheckpointError
 from loretta.model import Decoder, DecoderConfig
 from loretta.vocab import VocabLayout
@@ -55,11 +61,11 @@ def step_of(run: Path) -> Path:
 
 def st_dict(folder: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors folder, read with the safetensors library itself."""
-    index = folder / C.INDEX_FILE
+    index = folder / INDEX_FILE
     files = (
         sorted(set(json.loads(index.read_text())["weight_map"].values()))
         if index.exists()
-        else [C.SINGLE_FILE]
+        else [SINGLE_FILE]
     )
     out: dict[str, torch.Tensor] = {}
     for f in files:
@@ -96,8 +102,8 @@ def test_param_shapes_match_the_decoder(tie: bool) -> None:
     )
     with torch.device("meta"):
         model = Decoder(cfg)
-    assert C.param_shapes(cfg) == {n: tuple(p.shape) for n, p in model.named_parameters()}
-    assert C.parse_size("2GB") == 2 * 10**9 and C.parse_size("1.5MiB") == 3 * 2**19
+    assert param_shapes(cfg) == {n: tuple(p.shape) for n, p in model.named_parameters()}
+    assert parse_byte_size("2GB") == 2 * 10**9 and parse_byte_size("1.5MiB") == 3 * 2**19
 
 
 # ---- ZeRO-3 -> consolidated ---------------------------------------------------------------------
@@ -108,18 +114,18 @@ def test_consolidated_equals_deepspeed_zero_to_fp32(
     step = step_of(run_a if which == "a" else run_b)
     dst = tmp_path / "out"
     shard = "20KB" if which == "b" else "2GB"  # b: many shards + index
-    C.main([str(step), str(dst), "--to", "safetensors", "--shard-size", shard, "--no-progress"])
+    main([str(step), str(dst), "--to", "safetensors", "--shard-size", shard, "--no-progress"])
     ref, ours = zero_to_fp32(step), st_dict(dst)
     assert list(ours) and set(ours) == set(ref)
     for name, t in ref.items():
         assert ours[name].dtype == torch.float32 and torch.equal(ours[name], t), name
-    assert (dst / C.INDEX_FILE).exists() == (which == "b")
+    assert (dst / INDEX_FILE).exists() == (which == "b")
     assert (dst / "config.yaml").read_text() == (step / "config.yaml").read_text()
     assert json.loads((dst / "layout.json").read_text()) == json.loads(
         (step / "layout.json").read_text()
     )
     if which == "a":  # bf16 output is torch's round-to-nearest-even of the fp32 master weights
-        C.convert(step, tmp_path / "bf16", "safetensors", dtype="bf16", progress=False)
+        convert(step, tmp_path / "bf16", "safetensors", dtype="bf16", progress=False)
         half = st_dict(tmp_path / "bf16")
         assert all(torch.equal(half[n], t.to(torch.bfloat16)) for n, t in ref.items())
 
@@ -131,9 +137,9 @@ def test_hf_export_loads_in_transformers_with_our_logits(
 ) -> None:
     transformers = pytest.importorskip("transformers")
     step = step_of(run_a if which == "a" else run_b)
-    dst = C.convert(step, tmp_path / "hf", "hf", shard_size=50_000, progress=False)
+    dst = convert(step, tmp_path / "hf", "hf", shard_size=50_000, progress=False)
     hf = transformers.AutoModelForCausalLM.from_pretrained(dst, dtype=torch.float32).eval()
-    ours, layout = C.load_model(step)  # straight from the ZeRO-3 rank files
+    ours, layout = load_model(step)  # straight from the ZeRO-3 rank files
     if which == "a":
         assert type(hf).__name__ == "LlamaForCausalLM"
         assert not hf.config.tie_word_embeddings
@@ -142,7 +148,7 @@ def test_hf_export_loads_in_transformers_with_our_logits(
         assert hf.config.sliding_window == ours.cfg.sliding_window == 16
         assert hf.config.tie_word_embeddings
         assert hf.lm_head.weight.data_ptr() == hf.model.embed_tokens.weight.data_ptr()
-        assert "lm_head.weight" not in json.loads((dst / C.INDEX_FILE).read_text())["weight_map"]
+        assert "lm_head.weight" not in json.loads((dst / INDEX_FILE).read_text())["weight_map"]
     assert hf.config.bos_token_id == layout.bos_id and hf.config.eos_token_id == layout.eos_id
     ids = real_batch(step)
     assert ids.shape[1] > 16  # longer than the window of run b
@@ -157,9 +163,9 @@ def test_ours_to_hf_to_ours_is_bitwise_identity(
     which: str, run_a: Path, run_b: Path, tmp_path: Path
 ) -> None:
     step = step_of(run_a if which == "a" else run_b)
-    C.convert(step, tmp_path / "ours", "safetensors", progress=False)
-    C.convert(tmp_path / "ours", tmp_path / "hf", "hf", shard_size=30_000, progress=False)
-    C.convert(tmp_path / "hf", tmp_path / "back", "loretta", progress=False)
+    convert(step, tmp_path / "ours", "safetensors", progress=False)
+    convert(tmp_path / "ours", tmp_path / "hf", "hf", shard_size=30_000, progress=False)
+    convert(tmp_path / "hf", tmp_path / "back", "loretta", progress=False)
     first, back = st_dict(tmp_path / "ours"), st_dict(tmp_path / "back")
     assert set(first) == set(back)
     assert all(torch.equal(first[n], back[n]) and first[n].dtype == back[n].dtype for n in first)
@@ -167,7 +173,7 @@ def test_ours_to_hf_to_ours_is_bitwise_identity(
         assert (tmp_path / "back" / f).read_text() == (tmp_path / "ours" / f).read_text()
     # verify: every pair of formats agrees bitwise (exit 0) ...
     for a, b in ((step, tmp_path / "hf"), (tmp_path / "hf", tmp_path / "back")):
-        assert C.main(["verify", str(a), str(b)]) == 0
+        assert main(["verify", str(a), str(b)]) == 0
     # ... and one changed weight is found (exit 1, named)
     bad = tmp_path / "bad"
     shutil.copytree(tmp_path / "back", bad)
@@ -175,20 +181,18 @@ def test_ours_to_hf_to_ours_is_bitwise_identity(
     t["norm.weight"][3] += 1e-3
     from safetensors.torch import save_file
 
-    save_file(t, bad / C.SINGLE_FILE)
-    report = C.verify(step, bad)
+    save_file(t, bad / SINGLE_FILE)
+    report = verify(step, bad)
     assert not report["match"] and report["problems"] == ["norm.weight: max |a-b| = 0.001"]
-    assert C.verify(step, bad, atol=2e-3)["match"]
-    assert C.main(["verify", str(step), str(bad)]) == 1
+    assert verify(step, bad, atol=2e-3)["match"]
+    assert main(["verify", str(step), str(bad)]) == 1
 
 
 def test_hf_folder_without_loretta_files_needs_a_layout(run_b: Path, tmp_path: Path) -> None:
     step = step_of(run_b)
-    hf = C.convert(step, tmp_path / "hf", "hf", progress=False)
-    for f in ("loretta_config.yaml", "loretta_layout.json"):
-        (hf / f).unlink()  # as if it came from elsewhere: the model config comes from config.json
+    hf = foreign_hf(step, tmp_path / "hf")  # the model config comes from config.json
     with pytest.raises(CheckpointError, match="pass --layout"):
-        C.convert(hf, tmp_path / "ours", "loretta", progress=False)
+        convert(hf, tmp_path / "ours", "loretta", progress=False)
     assert_no_partial(tmp_path / "ours")
     args = [
         str(hf),
@@ -198,16 +202,16 @@ def test_hf_folder_without_loretta_files_needs_a_layout(run_b: Path, tmp_path: P
         "--layout",
         str(step / "layout.json"),
     ]
-    assert C.main(args) == 0
-    assert C.verify(step, tmp_path / "ours")["match"]
-    src = C.open_source(tmp_path / "ours")
+    assert main(args) == 0
+    assert verify(step, tmp_path / "ours")["match"]
+    src = open_source(tmp_path / "ours")
     assert src.model_cfg.sliding_window == 16 and src.model_cfg.tie_embeddings
     src.close()
 
 
 def test_cli_wrapper_inspect_and_step_selection(run_a: Path, tmp_path: Path) -> None:
     step = step_of(run_a)
-    C.convert(step, tmp_path / "ours", "safetensors", progress=False)
+    convert(step, tmp_path / "ours", "safetensors", progress=False)
     res = subprocess.run(
         [
             PY,
@@ -226,23 +230,34 @@ def test_cli_wrapper_inspect_and_step_selection(run_a: Path, tmp_path: Path) -> 
     )
     assert res.returncode == 0, res.stderr[-3000:]
     zero = json.loads(res.stdout.strip().splitlines()[-1])
-    cons = C.inspect(tmp_path / "ours")
+    cons = inspect(tmp_path / "ours")
     assert zero["kind"] == "zero" and zero["step"] == STEPS_A and zero["world_size"] == 2
     assert zero["params"] == cons["params"] == 123_200  # tiny recipe: dim 64, 2 layers, vocab 192
     # same tensors, shapes, dtypes and checksums whether read from the rank files or the export
     assert zero["tensors"] == cons["tensors"]
     with pytest.raises(CheckpointError, match="step_00000007: no such checkpoint"):
-        C.open_source(run_a, step=7)
+        open_source(run_a, step=7)
+
+
+def foreign_hf(step: Path, dst: Path) -> Path:
+    """An HF export with loretta's own files removed: a folder some other tool wrote."""
+    export = convert(step, dst, "hf", progress=False)
+    for f in ("loretta_config.yaml", "loretta_layout.json"):
+        (export / f).unlink()
+    return export
 
 
 # ---- warm start ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def warm_run(run_a: Path, tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
-    """A new run (world size 1) initialised from the HF export of run a (world size 2)."""
+    """A new run (world size 1) initialised from the HF export of run a (world size 2), stripped
+    of loretta's files as if another tool had written it: checkpoint.init_layout names the
+    layout."""
     tmp = tmp_path_factory.mktemp("warm")
-    export = C.convert(step_of(run_a), tmp / "hf", "hf", progress=False)
+    export = foreign_hf(step_of(run_a), tmp / "hf")
     more = {
         "checkpoint.init_from": str(export),
+        "checkpoint.init_layout": str(step_of(run_a) / "layout.json"),
         "checkpoint.save_final": "false",
         "optim.warmup_steps": 2,
     }
@@ -271,14 +286,12 @@ def copy_step(run: Path, tmp: Path) -> Path:
 
 
 def flat_record(path: Path) -> tuple[int, int]:
-    """(file offset, bytes) of rank file `path`'s first fp32 flat group."""
-    arch = C.TorchArchive(path)
-    try:
-        ref = arch.obj["optimizer_state_dict"]["fp32_flat_groups"][0]
-        start, _, _ = arch.record(ref.record)
-        return start + ref.offset * 4, ref.numel * 4
-    finally:
-        arch.close()
+    """(file offset, bytes) of rank file `path`'s first fp32 flat group, found by its bytes."""
+    sd = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    data = sd["fp32_flat_groups"][0].detach().numpy().tobytes()
+    start = path.read_bytes().find(data)
+    assert start > 0
+    return start, len(data)
 
 
 def test_missing_rank_file(run_a: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -288,9 +301,9 @@ def test_missing_rank_file(run_a: Path, tmp_path: Path, capsys: pytest.CaptureFi
     with pytest.raises(
         CheckpointError, match=r"zero_pp_rank_1_mp_rank_00_optim_states\.pt: missing"
     ):
-        C.convert(step, dst, "hf", progress=False)
+        convert(step, dst, "hf", progress=False)
     assert_no_partial(dst)
-    assert C.main([str(step), str(dst), "--to", "safetensors"]) == 2
+    assert main([str(step), str(dst), "--to", "safetensors"]) == 2
     assert (
         "zero_pp_rank_1_mp_rank_00_optim_states.pt: missing (rank 1 of 2)"
         in capsys.readouterr().err
@@ -301,7 +314,7 @@ def test_missing_rank_file(run_a: Path, tmp_path: Path, capsys: pytest.CaptureFi
     shutil.copy(orig, step / "ds" / orig.name)
     shutil.copy(orig, step / "ds" / "zero_pp_rank_2_mp_rank_00_optim_states.pt")
     with pytest.raises(CheckpointError, match="rank 2 but state.json says world_size=2"):
-        C.convert(step, dst, "hf", progress=False)
+        convert(step, dst, "hf", progress=False)
     assert_no_partial(dst)
 
 
@@ -318,52 +331,54 @@ def test_corrupted_and_truncated_optimizer_state(run_a: Path, tmp_path: Path) ->
         CheckpointError,
         match=r"zero_pp_rank_1_mp_rank_00_optim_states\.pt: fp32 weights fail their CRC-32",
     ):
-        C.convert(step, dst, "safetensors", progress=False)
+        convert(step, dst, "safetensors", progress=False)
     assert_no_partial(dst)
     rank1.write_bytes(good[: len(good) // 2])  # truncated (an interrupted copy)
     with pytest.raises(
         CheckpointError, match=r"zero_pp_rank_1_mp_rank_00_optim_states\.pt: not a complete"
     ):
-        C.convert(step, dst, "safetensors", progress=False)
+        convert(step, dst, "safetensors", progress=False)
     assert_no_partial(dst)
     rank1.write_bytes(b"\0" * 64 + good[64:])  # garbage over the pickle's zip header
     with pytest.raises(CheckpointError, match=r"zero_pp_rank_1_mp_rank_00_optim_states\.pt"):
-        C.convert(step, dst, "safetensors", progress=False)
+        convert(step, dst, "safetensors", progress=False)
     assert_no_partial(dst)
     assert zipfile.is_zipfile(step / "ds" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
 
 
 def test_truncated_safetensors(run_a: Path, tmp_path: Path) -> None:
-    src = C.convert(
+    src = convert(
         step_of(run_a), tmp_path / "ours", "safetensors", shard_size=100_000, progress=False
     )
     shard = sorted(src.glob("model-*.safetensors"))[1]  # model-00002-of-0000N
     shard.write_bytes(shard.read_bytes()[:-1000])
     dst = tmp_path / "hf"
-    with pytest.raises(CheckpointError, match=rf"{shard.name}: the header describes"):
-        C.convert(src, dst, "hf", progress=False)
+    with pytest.raises(
+        CheckpointError, match=rf"{shard.name}: unreadable safetensors file .* truncated or corrupt"
+    ):
+        convert(src, dst, "hf", progress=False)
     assert_no_partial(dst)
     with pytest.raises(CheckpointError, match=shard.name):
-        C.load_model(src)
+        load_model(src)
 
 
 def test_mismatched_layout_or_model_refused_for_warm_start(run_a: Path, tmp_path: Path) -> None:
     step = step_of(run_a)
-    export = C.convert(step, tmp_path / "hf", "hf", progress=False)
-    src = C.open_source(step)
+    export = convert(step, tmp_path / "hf", "hf", progress=False)
+    src = open_source(step)
     cfg, layout = src.model_cfg, src.layout
     src.close()
     assert layout is not None
-    state = C.load_for_init(export, cfg, layout)
-    assert set(state) == set(C.param_shapes(cfg))
+    state = load_for_init(export, cfg, layout)
+    assert set(state) == set(param_shapes(cfg))
     other = VocabLayout.build({"a": 64, "b": 32})  # data with a different vocabulary
     with pytest.raises(
         CheckpointError, match=r"loretta_layout\.json differs from this run's training data"
     ):
-        C.load_for_init(export, cfg, other)
+        load_for_init(export, cfg, other)
     bigger = dataclasses.replace(cfg, dim=128)
     with pytest.raises(CheckpointError, match=r"model\.dim: 64 vs 128"):
-        C.load_for_init(export, bigger, layout)
+        load_for_init(export, bigger, layout)
 
 
 def test_existing_destination_needs_overwrite(run_a: Path, tmp_path: Path) -> None:
@@ -372,9 +387,9 @@ def test_existing_destination_needs_overwrite(run_a: Path, tmp_path: Path) -> No
     dst.mkdir()
     (dst / "keep.txt").write_text("precious")
     with pytest.raises(CheckpointError, match="exists; pass --overwrite"):
-        C.convert(step, dst, "safetensors", progress=False)
+        convert(step, dst, "safetensors", progress=False)
     assert (dst / "keep.txt").read_text() == "precious"
-    C.convert(step, dst, "safetensors", overwrite=True, progress=False)
+    convert(step, dst, "safetensors", overwrite=True, progress=False)
     assert sorted(p.name for p in dst.iterdir()) == [
         "config.yaml",
         "layout.json",
@@ -382,3 +397,95 @@ def test_existing_destination_needs_overwrite(run_a: Path, tmp_path: Path) -> No
     ]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     assert os.access(dst / "model.safetensors", os.R_OK)
+
+
+def test_warm_start_from_a_foreign_hf_folder(run_a: Path, tmp_path: Path) -> None:
+    step = step_of(run_a)
+    export = foreign_hf(step, tmp_path / "hf")
+    with open_source(step) as src:
+        cfg, layout = src.model_cfg, src.layout
+    assert layout is not None
+    with pytest.raises(CheckpointError) as err:
+        load_for_init(export, cfg, layout)
+    msg = str(err.value)
+    assert f"checkpoint.init_from={str(export)!r}" in msg and "loretta_layout.json missing" in msg
+    assert "--checkpoint.init_layout=LAYOUT.json" in msg and "--layout LAYOUT.json" in msg
+    state = load_for_init(export, cfg, layout, step / "layout.json")
+    ref = st_dict(convert(step, tmp_path / "ours", "safetensors", progress=False))
+    assert set(state) == set(ref) and all(torch.equal(state[n], ref[n]) for n in ref)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(VocabLayout.build({"a": 64, "c": 64}).to_dict()))
+    with pytest.raises(CheckpointError, match=r"other\.json differs from this run's training"):
+        load_for_init(export, cfg, layout, other)
+    with pytest.raises(CheckpointError, match=r"nope\.json: no such layout file"):
+        load_for_init(export, cfg, layout, tmp_path / "nope.json")
+
+
+# ---- the export's tokenizer ----------------------------------------------------------------------
+def test_hf_export_tokenizer_loads_in_transformers(
+    run_a: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    transformers = pytest.importorskip("transformers")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    step = step_of(run_a)
+    dst = convert(step, tmp_path / "hf", "hf", progress=False)
+    tok = transformers.AutoTokenizer.from_pretrained(dst)
+    layout = VocabLayout.from_dict(json.loads((dst / "loretta_layout.json").read_text()))
+    vocab_size = json.loads((dst / "config.json").read_text())["vocab_size"]
+    assert len(tok) == vocab_size == 192 > layout.size
+    for m in layout.modalities:  # modality tokens are special tokens with their layout ids
+        assert tok.convert_tokens_to_ids(m.token) == m.token_id
+        assert m.token in tok.all_special_tokens
+        assert tok.convert_tokens_to_ids(f"<{m.name}_7>") == m.offset + 7
+    assert (tok.pad_token_id, tok.bos_token_id, tok.eos_token_id) == (
+        layout.pad_id,
+        layout.bos_id,
+        layout.eos_id,
+    )
+    names = tok.convert_ids_to_tokens(list(range(vocab_size)))  # every id has its own token
+    assert None not in names and len(set(names)) == vocab_size
+    a, b = layout["a"], layout["b"]
+    ids = [layout.bos_id, a.token_id, a.offset + 3, b.token_id, b.offset + 63, layout.eos_id]
+    assert tok("<s> <a> <a_3> <b> <b_63> </s>")["input_ids"] == ids
+    assert tok.decode(ids, skip_special_tokens=True).split() == ["<a_3>", "<b_63>"]
+    # the folder is a complete transformers model: a pipeline builds and generates from it
+    gen = transformers.pipeline("text-generation", model=str(dst), device="cpu")
+    out = gen("<s> <a>", max_new_tokens=3, do_sample=False)[0]["generated_text"]
+    assert out.startswith("<s> <a>") and 2 < len(tok(out)["input_ids"]) <= 5
+
+
+def test_hf_export_carries_the_text_tokenizer(run_a: Path, tmp_path: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    words = "one two three four five six seven eight nine ten eleven twelve".split()
+    text = Tokenizer(models.BPE())
+    text.pre_tokenizer = pre_tokenizers.Whitespace()
+    text.train_from_iterator(words * 10, trainers.BpeTrainer(vocab_size=60, show_progress=False))
+    assert 20 < text.get_vocab_size() <= 60  # fits modality b (64 ids)
+    text.save(str(tmp_path / "tokenizer.json"))
+    args = [str(step_of(run_a)), str(tmp_path / "hf"), "--to", "hf", "--no-progress"]
+    more = ["--tokenizer", str(tmp_path / "tokenizer.json"), "--tokenizer-modality", "b"]
+    assert main([*args, *more]) == 0
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    b = VocabLayout.from_dict(json.loads((tmp_path / "hf" / "loretta_layout.json").read_text()))[
+        "b"
+    ]
+    for phrase in ("seven twelve", "three nine one"):
+        want = [b.offset + i for i in text.encode(phrase).ids]
+        assert tok(phrase)["input_ids"] == want
+        assert tok.decode(want) == text.decode(text.encode(phrase).ids)
+    assert tok.convert_tokens_to_ids("<b>") == b.token_id
+    # a tokenizer that does not fit the modality is refused before anything is written
+    big = Tokenizer(models.WordLevel({f"w{i}": i for i in range(65)}, unk_token="w0"))
+    big.save(str(tmp_path / "big.json"))
+    with pytest.raises(CheckpointError, match=r"big\.json: 65 tokens do not fit modality 'b'"):
+        convert(
+            step_of(run_a),
+            tmp_path / "hf2",
+            "hf",
+            progress=False,
+            tokenizer=tmp_path / "big.json",
+            tokenizer_modality="b",
+        )
+    assert_no_partial(tmp_path / "hf2")

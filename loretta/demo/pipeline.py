@@ -300,7 +300,7 @@ def raw_probes(ev: EvalData, layout: Any) -> dict[str, float]:
 def evaluate(
     ckpt: Path, data: dict[str, Path], ev: EvalData, preset: Preset, decoding: tuple[float, int]
 ) -> dict[str, Any]:
-    from loretta.convert import load_model
+    from loretta.checkpoint.load import load_model
 
     model, layout = load_model(ckpt)
     return evaluate_model(model, layout, data, ev, preset.seen_items, decoding)

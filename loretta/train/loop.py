@@ -102,9 +102,11 @@ def prepare(cfg: TrainConfig, info: DistInfo) -> Prepared:
     resume_dir = ckpt.resolve_resume(cfg)
     state = ckpt.check_compatible(resume_dir, cfg, layout) if resume_dir else None
     if cfg.checkpoint.init_from and resume_dir is None:  # a bad export fails here, early
-        from loretta.convert import check_init_source
+        from loretta.checkpoint.load import check_init_source
 
-        check_init_source(cfg.checkpoint.init_from, cfg.model, layout).close()  # headers only
+        check_init_source(
+            cfg.checkpoint.init_from, cfg.model, layout, cfg.checkpoint.init_layout
+        ).close()  # headers only
     universal = bool(state and state.get("world_size") != info.world_size)
     ds_config = resolve_ds_config(cfg, info.world_size, load_universal=universal)
     from loretta.objectives import build_objective
@@ -148,9 +150,11 @@ def run(
         E.barrier()
     init_state = None
     if p.resume_dir is None and cfg.checkpoint.init_from and rank == 0:
-        from loretta.convert import load_for_init
+        from loretta.checkpoint.load import load_for_init
 
-        init_state = load_for_init(cfg.checkpoint.init_from, cfg.model, p.layout)
+        init_state = load_for_init(
+            cfg.checkpoint.init_from, cfg.model, p.layout, cfg.checkpoint.init_layout
+        )
     eng = E.build_engine(cfg, p.ds_config, cfg.run.seed, init_state)
     del init_state
     eng.module.set_backend(cfg.model.attn_backend, p.device)
