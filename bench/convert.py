@@ -119,9 +119,9 @@ def child(side: str, step: str, out: str) -> None:
     serialization, ...), and imports are excluded on both sides."""
     if side == "ours":
         from loretta.checkpoint.export import convert
-        from loretta.checkpoint.sizes import parse_byte_size
+        from loretta.units import parse_size
 
-        shard = parse_byte_size(SHARD)
+        shard = parse_size(SHARD)
 
         def run(dst: str) -> None:
             convert(step, dst, "safetensors", shard_size=shard, progress=False)

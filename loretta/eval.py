@@ -80,9 +80,9 @@ def conditional_logprob(
             for lo in range(0, len(idx), per_call):
                 chunk = idx[lo : lo + per_call]
                 Q = len(chunk)
-                pre = torch.from_numpy(np.stack([prefixes[i] for i in chunk])).to(dev)  # (Q, P)
+                pre_ids = torch.from_numpy(np.stack([prefixes[i] for i in chunk])).to(dev)
                 pcache = KVCache.empty(model.cfg, Q, P, dev, dtype)
-                first = F.log_softmax(fwd(pre, cache=pcache)[:, -1].float(), -1)  # (Q, V)
+                first = F.log_softmax(fwd(pre_ids, cache=pcache)[:, -1].float(), -1)  # (Q, V)
                 lp = first[:, tok0]  # (Q, K): log p(first target token | prefix)
                 for klo in range(0, K, max(1, max_rows // Q)):
                     kk = slice(klo, min(K, klo + max(1, max_rows // Q)))

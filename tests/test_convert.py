@@ -26,10 +26,10 @@ from loretta.checkpoint.export import convert
 from loretta.checkpoint.hf import param_shapes
 from loretta.checkpoint.io import INDEX_FILE, SINGLE_FILE
 from loretta.checkpoint.load import load_for_init, load_model, open_source
-from loretta.checkpoint.sizes import parse_byte_size
 from loretta.checkpoint.verify import inspect, verify
 from loretta.errors import CheckpointError
 from loretta.model import Decoder, DecoderConfig
+from loretta.units import parse_size
 from loretta.vocab import VocabLayout
 
 STEPS_A = 20
@@ -103,7 +103,7 @@ def test_param_shapes_match_the_decoder(tie: bool) -> None:
     with torch.device("meta"):
         model = Decoder(cfg)
     assert param_shapes(cfg) == {n: tuple(p.shape) for n, p in model.named_parameters()}
-    assert parse_byte_size("2GB") == 2 * 10**9 and parse_byte_size("1.5MiB") == 3 * 2**19
+    assert parse_size("2GB") == 2 * 10**9 and parse_size("1.5MiB") == 3 * 2**19
 
 
 # ---- ZeRO-3 -> consolidated ---------------------------------------------------------------------

@@ -1,7 +1,6 @@
 """Checkpoint formats: read ZeRO-3 step folders, consolidated safetensors and Hugging Face folders;
 convert between them; load weights for warm starts and inference.
 
-    sizes.py     parse_byte_size (the converter's --shard-size)
     io.py        files: torch archives via torch.load(mmap, weights_only), safetensors via
                  safe_open, the streaming safetensors writer, YAML/JSON/layout side files
     hf.py        our parameter names and shapes <-> Hugging Face Llama/Mistral, config.json

@@ -101,11 +101,11 @@ def _verify(args_in: list[str]) -> int:
 
 def _convert(args_in: list[str]) -> int:
     from loretta.checkpoint.export import convert
-    from loretta.checkpoint.sizes import parse_byte_size
+    from loretta.units import parse_size
 
     a = _convert_parser().parse_args(args_in)
     try:
-        shard = parse_byte_size(a.shard_size)
+        shard = parse_size(a.shard_size)
     except ValueError as e:
         raise CheckpointError(str(e)) from e
     out = convert(

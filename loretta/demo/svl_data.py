@@ -45,8 +45,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from loretta.configlib import apply_overrides, from_dict, to_dict
-from loretta.data.format import atomic_write_bytes, atomic_write_json, file_lock
-from loretta.data.format import read_manifest
+from loretta.data.format import atomic_write_bytes, atomic_write_json, file_lock, read_manifest
 from loretta.data.shards import Sample, write_dataset
 from loretta.demo import espeak, texts, vision
 from loretta.demo.speech import (
