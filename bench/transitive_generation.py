@@ -29,7 +29,8 @@ def worker(out: Path, a: argparse.Namespace, overrides: list[str]) -> None:
     from loretta.data.loader import build_loader
     from loretta.dist import discover
     from loretta.model.generate import SamplingConfig, generate
-    from loretta.train.loop import cross_entropy_per_token, prepare
+    from loretta.train.loss import cross_entropy_per_token
+    from loretta.train.trainer import prepare
 
     cfg = load_config("tiny_loretta", overrides)
     info = discover()

@@ -24,7 +24,7 @@ def worker(out: Path, overrides: list[str]) -> None:
 
     from loretta.config import load_config
     from loretta.dist import discover
-    from loretta.train.loop import prepare
+    from loretta.train.trainer import prepare
 
     cfg = load_config("tiny", overrides)
     info = discover()
