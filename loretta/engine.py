@@ -58,6 +58,21 @@ def check_deepspeed_version(version: str) -> None:
         )
 
 
+def check_async_io() -> None:
+    """NVMe offload needs DeepSpeed's async_io op (libaio); say so before DeepSpeed fails deep
+    inside deepspeed.initialize with an op-builder message."""
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if not AsyncIOBuilder().is_compatible(verbose=False):
+        raise DependencyError(
+            "the DeepSpeed config offloads to NVMe (offload_*.device='nvme'), which needs "
+            f"DeepSpeed's async_io op, and deepspeed {deepspeed.__version__} cannot build it "
+            "here: the libaio headers are missing. Install them (apt install libaio-dev; the op "
+            "is compiled on first use), or offload to CPU memory instead: "
+            "--engine.deepspeed_config=zero3_offload"
+        )
+
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -27,7 +27,7 @@ from loretta.configlib import to_dict
 from loretta.data.loader import build_loader, open_sources
 from loretta.data.sequences import direction_names
 from loretta.dist import DistInfo
-from loretta.dsconfig import resolve_ds_config
+from loretta.dsconfig import nvme_problems, resolve_ds_config, uses_nvme
 from loretta.errors import ConfigError
 from loretta.objectives import Objective
 from loretta.train import checkpoint as ckpt
@@ -111,7 +111,13 @@ def prepare(cfg: TrainConfig, info: DistInfo) -> Prepared:
         check_init_source(cfg.checkpoint.init_from, cfg.model, layout).close()  # headers only
     universal = bool(state and state.get("world_size") != info.world_size)
     ds_config = resolve_ds_config(cfg, info.world_size, load_universal=universal)
+    if problems := nvme_problems(ds_config, cfg.engine.deepspeed_config):
+        raise ConfigError(problems, "engine.deepspeed_config")
     objective = build_objective(cfg, layout)  # link graph checked against the layout
+    if uses_nvme(ds_config):  # the one check that needs deepspeed (imported only here)
+        from loretta.engine import check_async_io
+
+        check_async_io()
     return Prepared(cfg, info, device, layout, ds_config, resume_dir, state, universal, objective)
 
 
