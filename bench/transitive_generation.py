@@ -159,6 +159,8 @@ def main() -> None:
         f"--run.run_dir={tmp / 'run'}",
         "--logging.wandb=disabled",
     ]
+    if a.tiny:  # fewer synthetic samples to write (the training steps need a few rows only)
+        overrides += [f"--data.sources.{i}.synthetic.samples=300" for i in (0, 1)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     nproc = a.nproc
     if a.device == "cuda":  # one process per GPU (at most 2), bf16
