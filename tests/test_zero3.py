@@ -114,6 +114,20 @@ def test_zero3_offload_trains_on_cpu(tmp_path: Path, tiny_data: Path) -> None:
     assert len(list((ck / "ds").glob("*optim_states.pt"))) == 2
 
 
+def test_untested_deepspeed_version_is_refused_with_the_range() -> None:
+    import deepspeed
+
+    from loretta.engine import check_deepspeed_version
+    from loretta.errors import DependencyError
+
+    check_deepspeed_version(deepspeed.__version__)  # the installed one is in the tested range
+    check_deepspeed_version("0.16.0")
+    for bad in ("0.20.0", "0.15.9", "1.0.0", "nightly"):
+        with pytest.raises(DependencyError) as e:
+            check_deepspeed_version(bad)
+        assert f"deepspeed {bad} is installed" in str(e.value) and ">=0.16,<0.20" in str(e.value)
+
+
 def _nvme_json(tmp_path: Path) -> Path:
     ds = json.loads((REPO / "deepspeed_configs" / "zero3_nvme.json").read_text())
     (tmp_path / "nvme").mkdir()
