@@ -3,6 +3,7 @@ over the same samples, in one process (no DataLoader workers: the figures are pe
 
     python bench/data_throughput.py                    # 20k samples of ~1,000 tokens
     python bench/data_throughput.py --samples 5000 --profile loader.prof
+    python bench/data_throughput.py --tiny --work DIR  # 300 samples: a smoke run (tests)
 
 ours:       build_loader(cfg, rank=0, world=1): mmap'd tar -> .npy decode -> sequence building
             -> token-weighted mixing -> packing into rows of --seq-len (one epoch of tokens)
@@ -136,7 +137,10 @@ def main() -> None:
     ap.add_argument("--streaming-batch", type=int, default=64, help="StreamingDataset batch_size")
     ap.add_argument("--repeat", type=int, default=1, help="runs per reader (the best is kept)")
     ap.add_argument("--profile", default="", help="write a cProfile of our loader here")
+    ap.add_argument("--tiny", action="store_true", help="300 samples, rows of 512 (tests)")
     args = ap.parse_args()
+    if args.tiny:
+        args.samples, args.seq_len, args.batch, args.streaming_batch = 300, 512, 4, 8
     # streaming's file locks and shared memory names live under the temp dir: keep them here
     os.makedirs(os.path.join(args.work, "tmp"), exist_ok=True)
     tempfile.tempdir = os.path.join(args.work, "tmp")

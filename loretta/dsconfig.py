@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -136,3 +137,29 @@ def resolve_ds_config(
 def offloads_optimizer(ds: dict[str, Any]) -> bool:
     off = ds.get("zero_optimization", {}).get("offload_optimizer", {})
     return off.get("device", "none") in ("cpu", "nvme")
+
+
+def nvme_problems(ds: dict[str, Any], where: str = "engine.deepspeed_config") -> list[str]:
+    """Offload to NVMe needs each nvme_path to be a writable folder (checked before any process
+    group; the shipped zero3_nvme.json names /local_nvme, a placeholder)."""
+    out = []
+    zero = ds.get("zero_optimization", {})
+    for section in ("offload_optimizer", "offload_param"):
+        off = zero.get(section, {})
+        if off.get("device") != "nvme":
+            continue
+        path = off.get("nvme_path")
+        if not path or not os.path.isdir(path) or not os.access(path, os.W_OK):
+            out.append(
+                f"{where}: zero_optimization.{section}.nvme_path={path!r} is not a writable "
+                "folder: copy deepspeed_configs/zero3_nvme.json, set nvme_path to a folder on a "
+                "local NVMe drive, and pass the copy as --engine.deepspeed_config=PATH"
+            )
+    return out
+
+
+def uses_nvme(ds: dict[str, Any]) -> bool:
+    zero = ds.get("zero_optimization", {})
+    return any(
+        zero.get(s, {}).get("device") == "nvme" for s in ("offload_optimizer", "offload_param")
+    )

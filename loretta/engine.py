@@ -1,7 +1,7 @@
 """The one module that imports deepspeed: process group, ZeRO engine, checkpoint files, and the
 gather-once context used by generation inside training.
 
-Set DS_ACCELERATOR before importing this module (loretta.runtime.select_device does it).
+Set DS_ACCELERATOR before importing this module (loretta.train.trainer.select_device does it).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from loretta.comm import all_reduce_, barrier, broadcast_object
 from loretta.config import TrainConfig
 from loretta.dist import DistInfo
 from loretta.dsconfig import offloads_optimizer
+from loretta.errors import DependencyError
 from loretta.model import Decoder, DecoderConfig
 
 __all__ = ["Engine", "all_reduce_", "barrier", "broadcast_object", "build_engine"]
@@ -33,6 +34,44 @@ __all__ = ["Engine", "all_reduce_", "barrier", "broadcast_object", "build_engine
 warnings.filterwarnings(
     "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
 )
+
+# Engine._hooks_off edits DeepSpeed's private state (DeepSpeedZeRoOffload.forward_hooks /
+# backward_hooks / _register_deepspeed_module, param.ds_active_sub_modules), which DeepSpeed may
+# change in any release. The versions it was tested with, [low, high); pyproject.toml pins the same.
+DEEPSPEED_TESTED = ((0, 16), (0, 20))
+
+
+def check_deepspeed_version(version: str) -> None:
+    """Raise DependencyError unless `version` (e.g. '0.19.8') is in the tested range."""
+    (lo_major, lo_minor), (hi_major, hi_minor) = DEEPSPEED_TESTED
+    try:
+        major, minor = (int(x) for x in version.split(".")[:2])
+    except ValueError:
+        major, minor = -1, -1
+    if not (lo_major, lo_minor) <= (major, minor) < (hi_major, hi_minor):
+        raise DependencyError(
+            f"deepspeed {version} is installed, but loretta's ZeRO-3 generation path "
+            f"(Engine.generation) edits DeepSpeed's private module hooks and was tested with "
+            f"deepspeed>={lo_major}.{lo_minor},<{hi_major}.{hi_minor}: install a version in that "
+            f"range (pip install 'deepspeed>={lo_major}.{lo_minor},<{hi_major}.{hi_minor}'), or "
+            "check Engine._hooks_off against the new DeepSpeed and widen DEEPSPEED_TESTED"
+        )
+
+
+def check_async_io() -> None:
+    """NVMe offload needs DeepSpeed's async_io op (libaio); say so before DeepSpeed fails deep
+    inside deepspeed.initialize with an op-builder message."""
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if not AsyncIOBuilder().is_compatible(verbose=False):
+        raise DependencyError(
+            "the DeepSpeed config offloads to NVMe (offload_*.device='nvme'), which needs "
+            f"DeepSpeed's async_io op, and deepspeed {deepspeed.__version__} cannot build it "
+            "here: the libaio headers are missing. Install them (apt install libaio-dev; the op "
+            "is compiled on first use), or offload to CPU memory instead: "
+            "--engine.deepspeed_config=zero3_offload"
+        )
+
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -164,6 +203,7 @@ class Engine:
 
         Generation runs many small forwards; with hooks on, each one all-gathers every layer
         again (DeepSpeed #4354). We gather explicitly instead, and put the hooks back after."""
+        check_deepspeed_version(deepspeed.__version__)  # private API below
         offload = self.ds.optimizer.parameter_offload
         for p in self.module.parameters():
             p.ds_active_sub_modules.clear()  # type: ignore[attr-defined]
@@ -251,6 +291,8 @@ def build_engine(
     seed: int,
     init_state: dict[str, torch.Tensor] | None = None,
 ) -> Engine:
+    if cfg.objective.links and ds_config.get("zero_optimization", {}).get("stage") == 3:
+        check_deepspeed_version(deepspeed.__version__)  # fail before the first generation
     model = build_model(cfg.model, ds_config, seed, cfg.engine.zero_init, init_state)
     model.activation_checkpointing = cfg.engine.activation_checkpointing
     groups = param_groups(model, cfg.optim.weight_decay)

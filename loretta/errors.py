@@ -22,3 +22,7 @@ class DataError(LorettaError):
 
 class CheckpointError(LorettaError):
     """A checkpoint folder that is missing, incomplete, corrupt or incompatible."""
+
+
+class DependencyError(LorettaError):
+    """An installed package outside the versions loretta was tested with."""

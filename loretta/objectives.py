@@ -2,7 +2,9 @@
 
 The plain objective trains on real modalities only: causal one-direction modelling with
 data.sequence.order=fixed, commutative modelling with order=random. LoReTTa adds transitive
-documents when objective.links is set (loretta/transitive.py).
+documents when objective.links is set (loretta/transitive.py, which builds the objective of a
+config: `loretta.transitive.build`). This module imports nothing of it, so that the transitive
+objective can build on `Objective` without an import cycle.
 """
 
 from __future__ import annotations
@@ -10,9 +12,6 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from typing import Any
-
-from loretta.config import TrainConfig
-from loretta.vocab import VocabLayout
 
 
 class Objective:
@@ -25,12 +24,6 @@ class Objective:
 
     def prepare(self, batch: dict[str, Any], engine: Any, step: int) -> dict[str, Any]:
         return batch
-
-
-def build_objective(cfg: TrainConfig, layout: VocabLayout) -> Objective:
-    from loretta.transitive import build
-
-    return build(cfg, layout)
 
 
 class LocalEngine:

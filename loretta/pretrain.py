@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             print(cfg.to_yaml())
             return 0
         info = discover(argv=argv)
-        from loretta.train.loop import run
+        from loretta.train.trainer import run
 
         return run(cfg, info, dry_run=args.dry_run, signals=signals)
     except LorettaError as e:

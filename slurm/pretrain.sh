@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # slurm/pretrain.sh - pretrain on N nodes x G GPUs: one torchrun per node, started by srun.
 #
-#   CONFIG=base RUN_DIR=runs/base sbatch --nodes=4 --gpus-per-node=8 slurm/pretrain.sh
+#   CONFIG=svl_digits_large RUN_DIR=runs/svl sbatch --nodes=4 --gpus-per-node=8 slurm/pretrain.sh
 #   CONFIG=tiny sbatch --nodes=2 slurm/pretrain.sh                 # CPU-only nodes
 #   sbatch slurm/pretrain.sh --optim.lr=3e-4                       # extra args go to pretrain
 #

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from loretta.config import load_config
 from loretta.dist import discover
-from loretta.train.loop import prepare
+from loretta.train.trainer import prepare
 
 
 def main() -> None:

@@ -1,4 +1,9 @@
-"""The benches' quick modes run and end with their one-line JSON result."""
+"""Every benchmark in bench/ runs in its --tiny mode and ends with one JSON line.
+
+Not a measurement (tiny sizes on a shared CPU): this keeps the scripts working as the code
+under them changes. bench/convert.py has its own tiny test below (it builds a real ZeRO-3 checkpoint), bench/demo.py
+is the demo pipeline exercised by test_readme.py; bench/gpu_check.sh needs a GPU.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,35 @@ from pathlib import Path
 
 import pytest
 from helpers import PY, REPO, base_env
+
+# script -> keys its last line must hold
+BENCHES = {
+    "data_throughput.py": ("tokens_per_s", "ratio_vs_webdataset", "ratio_vs_streaming"),
+    "model_step.py": ("ratio", "packed_ratio", "ours_ms", "packed_ours_ms"),
+    "transitive_generation.py": ("ratio", "ratio_vs_naive", "gen_share", "hooks_kv_tokens_per_s"),
+    "zero3_memory.py": ("max_ratio_to_ideal", "ratio_world2", "total_bytes_world1"),
+}
+ELSEWHERE = {"convert.py", "demo.py", "gpu_check.sh"}  # convert.py: test_convert_bench_tiny
+
+
+def test_every_bench_script_has_a_tiny_run_here() -> None:
+    shipped = {p.name for p in (REPO / "bench").iterdir() if p.suffix in (".py", ".sh")}
+    assert shipped == set(BENCHES) | ELSEWHERE, shipped ^ (set(BENCHES) | ELSEWHERE)
+
+
+@pytest.mark.parametrize("script", sorted(BENCHES))
+def test_bench_tiny_mode(script: str, tmp_path: Path) -> None:
+    args = [PY, str(REPO / "bench" / script), "--tiny"]
+    if script == "data_throughput.py":
+        args += ["--work", str(tmp_path)]
+    res = subprocess.run(
+        args, env=base_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path
+    )
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    last = json.loads(res.stdout.strip().splitlines()[-1])
+    for key in BENCHES[script]:
+        assert key in last, (key, last)
+        assert not isinstance(last[key], float) or last[key] > 0, (key, last)
 
 
 @pytest.mark.slow

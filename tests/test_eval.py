@@ -3,6 +3,10 @@ teacher-forced computation; calibration, pooled features and the linear probe be
 
 from __future__ import annotations
 
+import json
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -77,3 +81,49 @@ def test_pooled_features_and_probe() -> None:
 def test_generate_modality_fixed_length_in_range() -> None:
     out = generate_modality(model(), LAY, [("a", np.arange(5))] * 3, "b", seed=0)
     assert all(len(o) == 4 and ((o >= 0) & (o < 12)).all() for o in out)
+
+
+def test_probe_cli_on_a_trained_checkpoint(tmp_path: Path, tiny_data: Path) -> None:
+    """`loretta-eval probe` on a checkpoint of a short real run, with a held-out test set: the
+    JSON it prints is the probe computed here from the same checkpoint."""
+    from dataclasses import replace
+
+    from helpers import BIN, REPO, base_env, tiny_overrides, torchrun
+
+    from loretta.config import load_config
+    from loretta.convert import load_model
+    from loretta.data.synthetic import ensure_synthetic
+    from loretta.eval import labelled
+
+    over = tiny_overrides(tmp_path, steps=10, data=tiny_data, **{"optim.warmup_steps": 2})
+    torchrun(1, ["--config", "tiny", *over])
+    syn = load_config("tiny").data.sources[0].synthetic
+    assert syn is not None
+    test = tmp_path / "heldout"  # same class patterns, other samples
+    ensure_synthetic(test, replace(syn, seed=99, samples=300, samples_per_shard=300))
+    ckpt = tmp_path / "run" / "checkpoints"
+    args = ["probe", str(ckpt), "--train", str(tiny_data), "--test", str(test)]
+    res = subprocess.run(
+        [str(BIN / "loretta-eval"), *args, "--modalities", "a,b", "--limit", "400"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env=base_env(),
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["task"] == "probe[a,b]" and out["n"] == 300
+
+    model, layout = load_model(ckpt)
+    (tr, ytr), (te, yte) = (
+        labelled(str(tiny_data), ["a", "b"], 400),
+        labelled(str(test), ["a", "b"], 400),
+    )
+    feats = [
+        pooled_features(model, layout, [[(m, s[m]) for m in ("a", "b")] for s in samples])
+        for samples in (tr, te)
+    ]
+    # equal up to one test sample (thread counts differ: the last bits of the features may too)
+    assert abs(out["accuracy"] - linear_probe(feats[0], ytr, feats[1], yte)) <= 1 / 300 + 1e-9
+    assert out["accuracy"] > 0.5  # ten classes: chance is 0.1

@@ -16,7 +16,8 @@ from loretta.dist import DistInfo
 from loretta.errors import ConfigError
 from loretta.model import Decoder
 from loretta.objectives import LocalEngine
-from loretta.train.loop import cross_entropy_per_token, finalize_model_config, prepare
+from loretta.train.loss import cross_entropy_per_token
+from loretta.train.trainer import finalize_model_config, prepare
 
 
 @pytest.fixture(scope="module")
@@ -72,25 +73,65 @@ def test_transitive_documents_are_generated_in_range_and_masked(abc_data: Path) 
         ).all()
 
 
+def _generated_target_positions(batch: dict[str, Any], layout: Any) -> torch.Tensor:
+    """(B, T) bool: target positions that predict a generated token, found by walking the rows
+    (not from the objective's own masks): from the generated block's modality token up to the
+    real block's modality token, in every transitive document [bos] <c> C' <a> A [eos]."""
+    mask = torch.zeros_like(batch["targets"], dtype=torch.bool)
+    for r, start, _, plan, _ in batch["gen_docs"]:
+        gen, real = plan.blocks
+        assert gen.gen_from >= 0 and real.gen_from < 0
+        toks = batch["tokens"][r]
+        j = start + 2
+        while toks[j] != layout.modalities[real.modality].token_id:
+            mask[r, j - 1] = True  # the target at j - 1 is the generated token at j
+            j += 1
+    return mask
+
+
 def test_no_gradient_flows_through_generated_tokens(abc_data: Path) -> None:
-    _cfg, p, it, model = setup(abc_data)
-    batch = p.objective.prepare(next(it), LocalEngine(model), 0)
-    assert batch["tokens"].dtype == torch.long and batch["tokens"].grad_fn is None
+    """With loss_on_generated=false the gradient is exactly that of the loss on the real tokens:
+    the generated block's targets do not reach it. With loss_on_generated=true they do."""
+    one_kind = "--objective.all_modalities_prob=0"  # transitive documents only: [<c> C' <a> A]
+    _, p, it, model = setup(abc_data, one_kind)
+    _, p_on, it_on, _ = setup(abc_data, one_kind, "--objective.loss_on_generated=true")
+    off = p.objective.prepare(next(it), LocalEngine(model), 0)
+    on = p_on.objective.prepare(next(it_on), LocalEngine(model), 0)
+    assert torch.equal(off["tokens"], on["tokens"])  # same seed: the same generated tokens
+    gen = _generated_target_positions(off, p.layout)
+    assert gen.sum() >= 8, "too few generated tokens for a meaningful check"
+    # the two settings differ exactly at the generated targets
+    assert (off["targets"][gen] == IGNORE).all() and (on["targets"][gen] != IGNORE).all()
+    assert torch.equal(off["targets"][~gen], on["targets"][~gen])
 
-    # the loss gradient equals that of a plain teacher-forced forward on the same (fixed) ids
-    def grads() -> list[torch.Tensor]:
+    def grad(targets: torch.Tensor) -> torch.Tensor:
+        """d(mean loss over the counted targets) / d(the first layer's attention weights)."""
         model.zero_grad()
-        logits = model(batch["tokens"].clone(), batch["positions"], batch["doc_ids"])
-        cross_entropy_per_token(logits, batch["targets"]).sum().backward()
-        return [q.grad.clone() for q in model.parameters()]  # type: ignore[union-attr]
+        logits = model(off["tokens"], off["positions"], off["doc_ids"])
+        tl = cross_entropy_per_token(logits, targets)
+        (tl.sum() / (targets != IGNORE).sum()).backward()
+        w = model.layers[0].attention.wqkv.weight
+        assert w.grad is not None
+        return w.grad.clone()
 
-    a, b = grads(), grads()
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    # and generated positions carry no loss unless asked for
-    _cfg2, p2, it2, _ = setup(abc_data, "--objective.loss_on_generated=true")
-    b2 = p2.objective.prepare(next(it2), LocalEngine(model), 0)
-    r, start, _, plan, _ = b2["gen_docs"][0]
-    assert (b2["targets"][r][start + 1 : start + 1 + plan.blocks[0].n] != IGNORE).all()
+    g_off, g_on = grad(off["targets"]), grad(on["targets"])
+    assert not torch.allclose(g_off, g_on, rtol=1e-3, atol=1e-7)
+    # off == the loss on the real targets only (generated ones masked here, independently)
+    real_only = on["targets"].masked_fill(gen, IGNORE)
+    torch.testing.assert_close(g_off, grad(real_only), rtol=1e-6, atol=1e-9)
+    # other ids at the generated targets: the gradient moves with loss_on_generated=true, and
+    # the real-token loss (what loss_on_generated=false trains on) does not move at all
+    lay = p.layout
+    shifted = on["targets"].clone()
+    for m in lay.modalities:  # another id of the same modality, position by position
+        inside = gen & (shifted >= m.offset) & (shifted < m.stop)
+        shifted[inside] = m.offset + (shifted[inside] - m.offset + 1) % (m.stop - m.offset)
+    assert (
+        torch.equal(shifted[~gen], on["targets"][~gen])
+        and (shifted[gen] != on["targets"][gen]).all()
+    )
+    assert not torch.allclose(grad(shifted), g_on, rtol=1e-3, atol=1e-7)
+    torch.testing.assert_close(grad(shifted.masked_fill(gen, IGNORE)), g_off, rtol=0, atol=0)
 
 
 def test_generation_is_deterministic_for_a_seed(abc_data: Path) -> None:
@@ -205,3 +246,13 @@ def test_transitive_documents_start_after_the_configured_fraction(abc_data: Path
     assert all(not b["gen_docs"] for b in early)
     later = [next(it) for _ in range(3)]
     assert all(b["gen_docs"] for b in later)
+
+
+def test_objectives_module_does_not_import_transitive() -> None:
+    """No import cycle: transitive builds on objectives, never the other way round."""
+    import subprocess
+    import sys
+
+    code = "import sys, loretta.objectives; print('loretta.transitive' in sys.modules)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert res.stdout.strip() == "False"

@@ -97,6 +97,87 @@ def test_weight_decay_groups_skip_norms_and_embeddings() -> None:
     assert "output.weight" in {names[id(p)] for p in decay["params"]}
 
 
+def test_zero3_offload_trains_on_cpu(tmp_path: Path, tiny_data: Path) -> None:
+    """deepspeed_configs/zero3_offload.json: parameters and optimizer in CPU memory, DeepSpeed's
+    CPU Adam (compiled on first use: minutes on a fresh machine, then cached)."""
+    over = tiny_overrides(
+        tmp_path,
+        steps=3,
+        data=tiny_data,
+        **{"optim.warmup_steps": 1, "engine.deepspeed_config": "zero3_offload"},
+    )
+    torchrun(2, ["--config", "tiny", *over])
+    loss = losses(tmp_path / "run")
+    assert sorted(loss) == [1, 2, 3] and all(v == v for v in loss.values())
+    assert loss[3] < loss[1]  # the offloaded optimizer really updates the weights
+    ck = tmp_path / "run" / "checkpoints" / "step_00000003"
+    assert len(list((ck / "ds").glob("*optim_states.pt"))) == 2
+
+
+def test_untested_deepspeed_version_is_refused_with_the_range() -> None:
+    import deepspeed
+
+    from loretta.engine import check_deepspeed_version
+    from loretta.errors import DependencyError
+
+    check_deepspeed_version(deepspeed.__version__)  # the installed one is in the tested range
+    check_deepspeed_version("0.16.0")
+    for bad in ("0.20.0", "0.15.9", "1.0.0", "nightly"):
+        with pytest.raises(DependencyError) as e:
+            check_deepspeed_version(bad)
+        assert f"deepspeed {bad} is installed" in str(e.value) and ">=0.16,<0.20" in str(e.value)
+
+
+def _nvme_json(tmp_path: Path) -> Path:
+    ds = json.loads((REPO / "deepspeed_configs" / "zero3_nvme.json").read_text())
+    (tmp_path / "nvme").mkdir()
+    for section in ("offload_optimizer", "offload_param"):
+        ds["zero_optimization"][section]["nvme_path"] = str(tmp_path / "nvme")
+    path = tmp_path / "nvme.json"
+    path.write_text(json.dumps(ds))
+    return path
+
+
+def test_zero3_nvme_placeholder_path_is_refused_before_any_process_group(tiny_data: Path) -> None:
+    from loretta.config import load_config
+    from loretta.dist import DistInfo
+    from loretta.errors import ConfigError
+    from loretta.train.trainer import prepare
+
+    cfg = load_config(
+        "tiny",
+        [f"--data.sources.0.path={tiny_data}", "--engine.deepspeed_config=zero3_nvme"],
+    )
+    with pytest.raises(ConfigError, match=r"nvme_path='/local_nvme' is not a writable folder"):
+        prepare(cfg, DistInfo())
+
+
+def test_zero3_nvme_trains_or_says_what_is_missing(tmp_path: Path, tiny_data: Path) -> None:
+    """deepspeed_configs/zero3_nvme.json with nvme_path in a temp dir. NVMe offload needs
+    DeepSpeed's async_io op, built against libaio (apt install libaio-dev): where libaio is
+    missing (as on the CI image) the run must stop at once with our error, not deep inside
+    deepspeed.initialize; where it is present, three real steps swap to the folder."""
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    over = tiny_overrides(
+        tmp_path,
+        steps=3,
+        data=tiny_data,
+        **{"optim.warmup_steps": 1, "engine.deepspeed_config": str(_nvme_json(tmp_path))},
+    )
+    if AsyncIOBuilder().is_compatible(verbose=False):
+        torchrun(1, ["--config", "tiny", *over])
+        assert sorted(losses(tmp_path / "run")) == [1, 2, 3]
+        assert any((tmp_path / "nvme").rglob("*.swp")), "nothing was swapped to the folder"
+        return
+    res = torchrun(1, ["--config", "tiny", *over], check=False)
+    assert res.returncode != 0
+    assert "needs DeepSpeed's async_io op" in res.stderr and "libaio-dev" in res.stderr
+    assert "loretta: error:" in res.stderr and "zero3_offload" in res.stderr
+    assert "deepspeed.initialize" not in res.stderr  # our check, not DeepSpeed's op loader
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # stopped before training
+
+
 @pytest.mark.gpu
 def test_bf16_zero3_on_nccl(tmp_path: Path, tiny_data: Path) -> None:
     """GPU machines: bf16 ZeRO-3 over NCCL, one process per visible GPU (at most 2)."""

@@ -89,9 +89,12 @@ def resolve_backend(name: str, device: torch.device, window: int | None = None) 
 class AttnMeta:
     """Per-forward masking information, computed once and shared by all layers.
 
-    doc_ids: (B, T) document id per token or None (one document per row, plain causal).
-    q_slots/k_slots: absolute cache slots of queries and keys (KV-cache decoding).
-    k_doc_ids: (B, Tk) document ids of the keys when they differ from the queries' (cache).
+    doc_ids: (B, Tq) document id per query token, or None (one document per row, plain causal).
+    k_doc_ids: (B, Tk) document ids of the keys when they differ from the queries' (KV cache).
+    q_offset: cache slot of the first query; query i sits in slot q_offset + i, key j in slot j.
+    window: sliding window W (keys visible to a query, itself included), or None.
+    cu_seqlens, max_seqlen: document boundaries of the flattened batch for the varlen kernels.
+    _mask: the dense mask, built on first use and shared by the layers.
     """
 
     doc_ids: torch.Tensor | None = None

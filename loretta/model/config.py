@@ -92,7 +92,8 @@ class DecoderConfig:
         return n + (V * d if include_embedding else 0)
 
     def flops_per_token(self, seq_len: int) -> float:
-        """6N + 12·L·d·S (ANCHORS.md): N excludes the input embedding; no causal discount."""
+        """6N + 12·L·d·S (PaLM's appendix B; loretta/train/metrics.py uses it for MFU): N excludes
+        the input embedding; no causal discount."""
         n = self.num_params(include_embedding=False)
         if self.tie_embeddings:  # the tied matrix still does the output projection's work
             n += self.vocab_size * self.dim

@@ -86,6 +86,84 @@ class LossStats:
         return out
 
 
+class Window:
+    """Throughput counters between two log steps (this rank's)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0 = time.perf_counter()
+        self.wait = self.gen_s = self.gen_tokens = 0.0
+        self.tokens = self.real = self.steps = 0
+
+    def add(self, wait: float, gen_s: float, gen_tokens: float, tokens: int, real: int) -> None:
+        """One optimizer step: data wait and generation seconds, generated tokens, row slots
+        processed and how many of them were not padding."""
+        self.wait += wait
+        self.gen_s += gen_s
+        self.gen_tokens += gen_tokens
+        self.tokens += tokens
+        self.real += real
+        self.steps += 1
+
+
+def window_metrics(
+    losses: dict[str, float],
+    window: Window,
+    *,
+    sources: list[str],
+    mix_tokens: list[int],
+    lr: float,
+    grad_norm: float,
+    world: int,
+    flops_per_token: float,
+    peak_flops: float,
+    tokens_seen: int,
+    nan_skipped: int,
+    read_errors: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """The metrics record of a log step (keys documented in README), from the losses reduced
+    over ranks and this rank's window."""
+    elapsed = time.perf_counter() - window.t0
+    tok_s_dev = window.tokens / max(elapsed, 1e-9)
+    m: dict[str, Any] = dict(losses)
+    total_mix = sum(mix_tokens) or 1
+    for name, n in zip(sources, mix_tokens):
+        m[f"data/mix/{name}"] = n / total_mix
+    m.update(
+        {
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tok_s_dev * world,
+            "tokens_per_s_per_device": tok_s_dev,
+            "mfu": tok_s_dev * flops_per_token / peak_flops if peak_flops > 0 else 0.0,
+            "data_wait_frac": window.wait / max(elapsed, 1e-9),
+            "generation_share": window.gen_s / max(elapsed, 1e-9),
+            "gen_tokens_per_s": window.gen_tokens / max(window.gen_s, 1e-9),
+            "packing_efficiency": window.real / max(window.tokens, 1),
+            "tokens_seen": tokens_seen,
+            "step_time_s": elapsed / max(window.steps, 1),
+            "nan_skipped": nan_skipped,
+            "data_read_errors": read_errors,
+            "mem_rss_gb": rss_gb(),
+        }
+    )
+    if device.type == "cuda":
+        m["mem_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    return m
+
+
+def rss_gb() -> float:
+    """This process's resident memory in GiB (0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except OSError:
+        return 0.0
+
+
 class MetricsLogger:
     """Rank 0 writes metrics.jsonl and to wandb; other ranks are silent."""
 
@@ -141,6 +219,10 @@ class MetricsLogger:
             f.write(json.dumps(rec) + "\n")
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
+        if "loss" not in metrics:  # a callback's record between log steps
+            if self.bar is None:
+                print(f"step {step} {metrics}", flush=True)
+            return
         msg = (
             f"step {step} loss {metrics.get('loss', float('nan')):.4f} "
             f"lr {metrics.get('lr', 0):.2e} tok/s {metrics.get('tokens_per_s', 0):,.0f} "
