@@ -82,6 +82,16 @@ def test_demo_command_runs_scaled_down(tmp_path: Path) -> None:
     )
     start = next(r for r in rows if r.get("event") == "start")
     assert "commutative-seed0" in start["resumed_from"]
+    # the live linking monitor scored the validation split during training, every 3 steps
+    trunk = [
+        json.loads(x)
+        for x in (out / "commutative-seed0" / "metrics.jsonl").read_text().splitlines()
+    ]
+    monitored = {r["step"]: r for r in trunk if "monitor/retrieval/image->speech" in r}
+    assert sorted(monitored) == [3, 6], sorted(monitored)
+    for r in monitored.values():
+        for k in ("retrieval/speech->image", "generation/text->image", "generation/text->speech"):
+            assert 0.0 <= r[f"monitor/{k}"] <= 1.0
     assert "image -> speech (missing pair, test)" in res.stdout
 
     # the evaluation and generation command on a checkpoint, in the missing direction

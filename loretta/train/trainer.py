@@ -192,9 +192,15 @@ def resume(p: Prepared, eng: Any) -> Progress:
         step=int(s["step"]),
         tokens_seen=int(s.get("tokens_seen", 0)),
         loader_state=s.get("loader_state"),
-        wandb_id=s.get("wandb_id"),
+        # a checkpoint of another run (a branch) starts its own wandb run
+        wandb_id=s.get("wandb_id") if _own_checkpoint(p) else None,
         nan_skipped=int(s.get("nan_skipped", 0)),  # the skip budget spans resumes
     )
+
+
+def _own_checkpoint(p: Prepared) -> bool:
+    assert p.resume_dir is not None
+    return p.resume_dir.resolve().parent == ckpt.checkpoints_dir(p.cfg).resolve()
 
 
 class Audit:
@@ -221,6 +227,9 @@ def run(
     callbacks: Sequence[Callback] = (),
 ) -> int:
     p = prepare(cfg, info)
+    from loretta.train.monitor import build_monitors
+
+    callbacks = [*callbacks, *build_monitors(cfg, p.layout)]  # before the process group
     E, eng = start_engine(p)
     rank, world = info.rank, info.world_size
     prog = resume(p, eng)
