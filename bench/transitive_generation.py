@@ -29,7 +29,7 @@ def worker(out: Path, a: argparse.Namespace, overrides: list[str]) -> None:
     from loretta.data.loader import build_loader
     from loretta.dist import discover
     from loretta.model.generate import SamplingConfig, generate
-    from loretta.train.loop import cross_entropy_per_token, prepare
+    from loretta.train.loop import prepare
 
     cfg = load_config("tiny_loretta", overrides)
     info = discover()
@@ -92,8 +92,7 @@ def worker(out: Path, a: argparse.Namespace, overrides: list[str]) -> None:
         batch = p.objective.prepare(batch, eng, i)
         batch = {k: v.to(eng.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         t1 = time.perf_counter()
-        logits = eng(batch["tokens"], batch["positions"], batch["doc_ids"])
-        tl = cross_entropy_per_token(logits, batch["targets"])
+        tl = eng(batch["tokens"], batch["positions"], batch["doc_ids"], targets=batch["targets"])
         loss = tl.sum() / (batch["targets"] != -100).sum()
         eng.backward(loss)
         eng.step()

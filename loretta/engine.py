@@ -18,12 +18,14 @@ from typing import Any
 import deepspeed
 import torch
 from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+from deepspeed.utils import set_z3_leaf_modules
 
 from loretta.comm import all_reduce_, barrier, broadcast_object
 from loretta.config import TrainConfig
 from loretta.dist import DistInfo
 from loretta.dsconfig import offloads_optimizer
 from loretta.model import Decoder, DecoderConfig
+from loretta.model.decoder import Block
 
 __all__ = ["Engine", "all_reduce_", "barrier", "broadcast_object", "build_engine"]
 
@@ -253,6 +255,15 @@ def build_engine(
 ) -> Engine:
     model = build_model(cfg.model, ds_config, seed, cfg.engine.zero_init, init_state)
     model.activation_checkpointing = cfg.engine.activation_checkpointing
+    device = torch.device(deepspeed.get_accelerator().device_name())
+    model.set_loss_impl(cfg.model.loss_impl, device)
+    if (
+        model.compile_blocks(cfg.model.compile, device)
+        and ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    ):
+        # each block becomes one ZeRO-3 unit: its weights are gathered by one hook before the
+        # compiled body runs, and no hook fires inside the graph (on its submodules)
+        set_z3_leaf_modules(model, [Block])
     groups = param_groups(model, cfg.optim.weight_decay)
     if offloads_optimizer(ds_config) or "optimizer" in ds_config:
         optimizer = None  # DeepSpeed builds it from the JSON (CPU Adam for offload)

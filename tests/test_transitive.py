@@ -16,7 +16,8 @@ from loretta.dist import DistInfo
 from loretta.errors import ConfigError
 from loretta.model import Decoder
 from loretta.objectives import LocalEngine
-from loretta.train.loop import cross_entropy_per_token, finalize_model_config, prepare
+from loretta.train.loop import finalize_model_config, prepare
+from loretta.train.loss import cross_entropy_per_token
 
 
 @pytest.fixture(scope="module")

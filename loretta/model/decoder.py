@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from loretta.model.attention import AttnMeta, attention, build_meta, resolve_backend
 from loretta.model.config import DecoderConfig
+from loretta.train.loss import linear_cross_entropy, resolve_loss_impl
 
 
 class RMSNorm(nn.Module):
@@ -135,8 +137,25 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.compiled: Callable[..., torch.Tensor] | None = None  # see Decoder.compile_blocks
 
     def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttnMeta,
+        backend: str,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        # the compiled body serves full-sequence forwards; KV-cache decode steps (a new shape
+        # every step) stay eager. Module hooks (ZeRO-3's gathers) run outside, in __call__.
+        if self.compiled is not None and cache is None:
+            return self.compiled(x, cos, sin, meta, backend)
+        return self.body(x, cos, sin, meta, backend, cache, layer)
+
+    def body(
         self,
         x: torch.Tensor,
         cos: torch.Tensor,
@@ -150,6 +169,22 @@ class Block(nn.Module):
             self.attention(self.attention_norm(x), cos, sin, meta, backend, cache, layer)
         )
         return h + self.dropout(self.feed_forward(self.ffn_norm(h)))
+
+
+class OutputHead(nn.Linear):
+    """The output projection; given targets it returns per-token losses instead of logits,
+    fused with the cross-entropy so that the (B*T, V) logits never exist at once."""
+
+    def forward(  # type: ignore[override]
+        self,
+        h: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        impl: str = "chunked",
+        chunk: int = 0,
+    ) -> torch.Tensor:
+        if targets is None:
+            return super().forward(h)  # (B, T, V)
+        return linear_cross_entropy(h, self.weight, targets, impl, chunk)  # (B*T,) fp32
 
 
 @dataclass
@@ -175,8 +210,11 @@ class Decoder(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = (
+            None if cfg.tie_embeddings else OutputHead(cfg.dim, cfg.vocab_size, bias=False)
+        )
         self.backend: str = "sdpa" if cfg.attn_backend == "auto" else cfg.attn_backend
+        self.loss_impl: str = "chunked" if cfg.loss_impl == "auto" else cfg.loss_impl
         self.activation_checkpointing = False
         self.init_weights()
 
@@ -212,6 +250,23 @@ class Decoder(nn.Module):
         self.backend = resolve_backend(name, device, self.cfg.sliding_window)
         return self.backend
 
+    def set_loss_impl(self, name: str, device: torch.device) -> str:
+        self.loss_impl = resolve_loss_impl(name, device)
+        return self.loss_impl
+
+    def compile_blocks(self, mode: str | bool = "auto", device: torch.device | None = None) -> bool:
+        """torch.compile each block's body (not the whole model: a ZeRO-3 engine gathers and
+        releases weights in hooks at module boundaries, which stay outside the graphs).
+        mode 'auto': on for CUDA, off elsewhere. Returns whether blocks are compiled."""
+        dev = device or self.tok_embeddings.weight.device
+        on = dev.type == "cuda" if mode == "auto" else bool(mode)
+        for layer in self.layers:
+            assert isinstance(layer, Block)
+            # dynamic=None: shapes are fixed in training; an int that changes between batches
+            # (max_seqlen of packed documents) becomes symbolic after one recompile
+            layer.compiled = torch.compile(layer.body) if on else None
+        return on
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -219,8 +274,11 @@ class Decoder(nn.Module):
         doc_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_hidden: bool = False,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V), or final hidden states (B, T, d).
+        """input_ids (B, T) -> logits (B, T, V), or final hidden states (B, T, d), or with
+        `targets` (B, T) per-token losses (B*T,) in fp32 (0 where the target is IGNORE), fused
+        with the output projection while its weight is at hand (gathered, under ZeRO-3).
 
         Packed rows: `doc_ids` (B, T) marks documents (contiguous runs); tokens attend only within
         their document, and `position_ids` should restart at 0 per document. With a `cache`,
@@ -229,7 +287,19 @@ class Decoder(nn.Module):
         h, ctx = self.begin(input_ids, position_ids, doc_ids, cache)
         for i in range(len(self.layers)):
             h = self.run_layer(i, h, ctx)
+        if targets is not None:
+            return self.loss(self.end(h, ctx, return_hidden=True), targets)
         return self.end(h, ctx, return_hidden)
+
+    def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Final normed hidden states (B, T, d), targets (B, T) -> per-token losses (B*T,)."""
+        chunk = self.cfg.loss_chunk
+        if self.output is None:
+            return linear_cross_entropy(
+                h, self.tok_embeddings.weight, targets, self.loss_impl, chunk
+            )
+        out: torch.Tensor = self.output(h, targets, self.loss_impl, chunk)
+        return out
 
     # forward in three pieces, so that a caller can wrap each piece (e.g. gather its weights)
     def begin(
@@ -247,6 +317,8 @@ class Decoder(nn.Module):
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
         if cache is None:
             meta = build_meta(doc_ids, (B, T), h.device, self.cfg.sliding_window, self.backend)
+            if self.backend in ("eager", "sdpa"):
+                meta.dense_mask(T, T, h.device)  # built once here, not inside a compiled block
         else:
             s = cache.length
             if doc_ids is None:

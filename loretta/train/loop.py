@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from loretta.config import TrainConfig
 from loretta.configlib import to_dict
@@ -111,16 +110,6 @@ def prepare(cfg: TrainConfig, info: DistInfo) -> Prepared:
 
     objective = build_objective(cfg, layout)  # link graph checked against the layout
     return Prepared(cfg, info, device, layout, ds_config, resume_dir, state, universal, objective)
-
-
-def cross_entropy_per_token(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """(B, T, V), (B, T) -> (B*T,) losses in fp32 (0 where target is IGNORE)."""
-    return F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
-        targets.reshape(-1),
-        ignore_index=IGNORE,
-        reduction="none",
-    )
 
 
 def run(
@@ -259,11 +248,13 @@ def run(
                 window["gen_s"] += objective.last_generation.get("gen_s", 0.0)
                 window["gen_tokens"] += objective.last_generation.get("gen_tokens", 0.0)
                 tok = batch["tokens"].to(eng.device)
-                logits = eng(
-                    tok, batch["positions"].to(eng.device), batch["doc_ids"].to(eng.device)
-                )
                 targets = batch["targets"].to(eng.device)
-                tl = cross_entropy_per_token(logits, targets)
+                tl = eng(  # (B*T,) fp32 per-token losses, fused with the output projection
+                    tok,
+                    batch["positions"].to(eng.device),
+                    batch["doc_ids"].to(eng.device),
+                    targets=targets,
+                )
                 valid = targets.reshape(-1) != IGNORE
                 n_valid = valid.sum()
                 loss = tl.sum() / n_valid.clamp(min=1)
@@ -423,13 +414,14 @@ def _dry_run(cfg: TrainConfig, eng: Any, data: Any, objective: Any, rank: int) -
     t0 = time.perf_counter()
     batch = objective.prepare(next(data), eng, 0)
     eng.train()
-    logits = eng(
+    targets = batch["targets"].to(eng.device)
+    tl = eng(
         batch["tokens"].to(eng.device),
         batch["positions"].to(eng.device),
         batch["doc_ids"].to(eng.device),
+        targets=targets,
     )
-    targets = batch["targets"].to(eng.device)
-    loss = cross_entropy_per_token(logits, targets).sum() / (targets != IGNORE).sum().clamp(min=1)
+    loss = tl.sum() / (targets != IGNORE).sum().clamp(min=1)
     eng.backward(loss)
     if rank == 0:
         mem = torch.cuda.max_memory_allocated() / 2**30 if eng.device.type == "cuda" else _rss_gb()
