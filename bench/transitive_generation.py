@@ -1,8 +1,10 @@
 """Generated tokens/s for a transitive batch under ZeRO-3 (two CPU processes, or the GPUs):
-naive (ZeRO-3 hooks gather every layer on every forward, no KV cache) vs ours (weights gathered
-once per generate call, KV-cached decoding), in one run; plus the share of a transitive training
-step's wall time spent generating. Last line: JSON with "ratio" (target >= 10) and
-"generation_share".
+naive (ZeRO-3 hooks gather every layer on every forward, no KV cache) vs host-sampled (weights
+gathered once, KV-cached, but each token sampled on the host: one device->host copy and sync per
+token, as before sampling moved onto the device) vs ours (gathered once, KV-cached, sampled on the
+device), in one run; plus the share of a transitive training step's wall time spent generating.
+Last line: JSON with "ratio" (ours / naive, target >= 10), "generation_share",
+"host_tokens_per_s" (before) and "ours_tokens_per_s" (after).
 
     python bench/transitive_generation.py [--dim 128 --layers 4 --prompts 16 --new 196]
     python bench/transitive_generation.py --device cuda --dim 1024 --layers 8   # one process/GPU
@@ -77,8 +79,27 @@ def worker(out: Path, a: argparse.Namespace, overrides: list[str]) -> None:
                 forward=fwd,
             )
 
+    def host_sampled() -> None:  # the sampler before this change: multinomial on the host
+        import loretta.model.generate as G
+
+        cpu_gen = torch.Generator().manual_seed(0)
+        device_sample = G._sample
+
+        def sample_on_host(logits, cfg, gen, t=0, masks=None):  # type: ignore[no-untyped-def]
+            logits = G._restrict(logits.float(), cfg, t, masks)
+            probs = torch.softmax(logits, dim=-1)
+            out = torch.multinomial(probs.cpu(), 1, generator=cpu_gen).squeeze(-1)
+            return out.to(logits.device)
+
+        G._sample = sample_on_host
+        try:
+            ours()
+        finally:
+            G._sample = device_sample
+
     ours()  # warm-up
     t_ours = min(timed(ours) for _ in range(3))
+    t_host = min(timed(host_sampled) for _ in range(2))
     t_naive = timed(naive)
 
     # a transitive training step: generation (prepare) + forward/backward/step
@@ -107,6 +128,7 @@ def worker(out: Path, a: argparse.Namespace, overrides: list[str]) -> None:
                 {
                     "naive_tokens_per_s": n_tokens / t_naive,
                     "ours_tokens_per_s": n_tokens / t_ours,
+                    "host_tokens_per_s": n_tokens / t_host,
                     "naive_s": t_naive,
                     "ours_s": t_ours,
                     "generation_share": gen_s / step_s,
@@ -186,6 +208,7 @@ def main() -> None:
         )
     r = json.loads((tmp / "result.json").read_text())
     print(f"naive: {r['naive_tokens_per_s']:9.1f} generated tokens/s ({r['naive_s']:.2f}s)")
+    print(f"host:  {r['host_tokens_per_s']:9.1f} generated tokens/s (host sampling, before)")
     print(f"ours:  {r['ours_tokens_per_s']:9.1f} generated tokens/s ({r['ours_s']:.2f}s)")
     print(
         f"transitive training step: {r['step_s']:.3f}s, {100 * r['generation_share']:.1f}% generating"
@@ -197,6 +220,7 @@ def main() -> None:
                 "generation_share": round(r["generation_share"], 4),
                 "ours_tokens_per_s": round(r["ours_tokens_per_s"], 1),
                 "naive_tokens_per_s": round(r["naive_tokens_per_s"], 1),
+                "host_tokens_per_s": round(r["host_tokens_per_s"], 1),
                 "world_size": nproc,
                 "device": _device_name(a.device),
             }

@@ -108,6 +108,7 @@ class Engine:
     def __init__(self, ds_engine: Any, ds_config: dict[str, Any]) -> None:
         self.ds = ds_engine
         self.ds_config = ds_config
+        self._last_step: tuple[bool, float] = (True, float("nan"))
 
     @property
     def module(self) -> Decoder:
@@ -132,8 +133,13 @@ class Engine:
 
     def step(self) -> tuple[bool, float]:
         """Optimizer step at the accumulation boundary -> (applied, global grad norm).
-        DeepSpeed discards a step whose gradients are not finite (norm reported as inf)."""
+        DeepSpeed discards a step whose gradients are not finite (norm reported as inf).
+        Between boundaries nothing is read back (the norm may be a device tensor: reading it
+        would sync the host every micro-step); the last boundary's result is returned."""
+        boundary = self.is_accumulation_boundary()
         self.ds.step()
+        if not boundary:
+            return self._last_step
         norm = self.ds.get_global_grad_norm()
         norm = float("nan") if norm is None else float(norm)
         applied = (
@@ -141,6 +147,7 @@ class Engine:
             and norm == norm
             and norm != float("inf")
         )
+        self._last_step = (applied, norm)
         return applied, norm
 
     def is_accumulation_boundary(self) -> bool:

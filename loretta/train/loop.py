@@ -239,7 +239,9 @@ def run(
         eng.train()
         while step < cfg.run.steps:
             eng.set_lr(lr := lr_at(step, cfg))
-            step_loss = torch.zeros(3, dtype=torch.float64)
+            # summed on the device: one host sync a step (the all-reduce below), not one a
+            # micro-step
+            step_loss = torch.zeros(3, dtype=torch.float64, device=eng.device)
             for _ in range(accum):
                 t0 = time.perf_counter()
                 batch = next(data)
@@ -268,7 +270,7 @@ def run(
                     batch["target_direction"].to(eng.device).reshape(-1),
                     batch["target_modality"].to(eng.device).reshape(-1),
                 )
-                step_loss[0] += float(loss.detach())
+                step_loss[0] += loss.detach().double()
                 step_loss[1] += 1
                 window["tokens"] += B * T
                 window["real"] += int((batch["tokens"] != p.layout.pad_id).sum())
@@ -279,7 +281,7 @@ def run(
                 read_errors[batch["worker"]] = batch["read_errors"]
             # one collective per step: mean loss and whether any rank got a signal
             step_loss[2] = 1.0 if signals.received is not None else 0.0
-            agg = E.all_reduce_(step_loss.to(eng.device)).cpu()
+            agg = E.all_reduce_(step_loss).cpu()
             mean_loss = float(agg[0] / agg[1])
             counted = nan.check(step + 1, applied, mean_loss, gnorm)
             if not counted:
