@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-AttnBackend = Literal["auto", "eager", "sdpa", "varlen", "flash_attn"]
+AttnBackend = Literal["auto", "eager", "sdpa", "varlen", "flash_attn", "flash_attn_4"]
 # the training loss: 'chunked' (fused output projection + cross-entropy in plain torch, no full
 # logits), 'torch' (full fp32 logits, the reference), 'cce'/'liger' (library kernels, CUDA);
 # 'auto': a library kernel on CUDA when installed, else 'chunked'
