@@ -51,7 +51,7 @@ step model_step_cuda $py bench/model_step.py --device cuda --dtype bfloat16 --di
 
 # ZeRO-3 generation inside training on the GPU: gathered-once KV-cached vs hook-driven naive
 step transitive_generation_cuda $py bench/transitive_generation.py --device cuda --dim 1024 \
-  --layers 8 --prompts 64 --new 196 --steps 4
+  --layers 8 --prompts 64 --new 196 --steps 4 --compile-decode
 
 # bf16 ZeRO-3 pretraining throughput and MFU: 8 x 2048-dim layers (~0.4B), packed 2048-token rows
 run=/tmp/gpu-mfu-run

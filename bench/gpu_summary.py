@@ -3,7 +3,8 @@
     mfu_1b, tokens_per_s_1b   llama_1b recipe, last logging window (compilation excluded)
     mfu_0p4b                  the 8 x 2048-dim (~0.4B) run, for comparison with earlier checks
     gen_share                 share of a transitive training step spent generating
-    gen_tokens_per_s          {"before": host sampling, "after": on-device sampling}
+    gen_tokens_per_s          {"before": host sampling, "after": on-device sampling,
+                              "naive": hook-driven uncached, "compiled": compiled decode steps}
     card                      the GPU's name (nvidia-smi)
 
 MFU = tokens/s per GPU x (6N + 12·L·d·S) / peak (ANCHORS.md; N without the input embedding;
@@ -63,6 +64,7 @@ def summary(out: Path) -> dict[str, Any]:
             "before": gen.get("host_tokens_per_s"),
             "after": gen.get("ours_tokens_per_s"),
             "naive": gen.get("naive_tokens_per_s"),
+            "compiled": gen.get("compiled_tokens_per_s"),
         },
         "card": card,
     }

@@ -79,6 +79,19 @@ def worker(out: Path, a: argparse.Namespace, overrides: list[str]) -> None:
                 forward=fwd,
             )
 
+    def compiled() -> None:  # ours, decode steps compiled (CUDA graphs), static KV cache
+        with eng.generation("once") as fwd:
+            generate(
+                eng.module,
+                prompts,
+                sc,
+                torch.Generator().manual_seed(0),
+                use_cache=True,
+                fixed_steps=True,
+                forward=fwd,
+                compile_step=True,
+            )
+
     def host_sampled() -> None:  # the sampler before this change: multinomial on the host
         import loretta.model.generate as G
 
@@ -101,6 +114,10 @@ def worker(out: Path, a: argparse.Namespace, overrides: list[str]) -> None:
     t_ours = min(timed(ours) for _ in range(3))
     t_host = min(timed(host_sampled) for _ in range(2))
     t_naive = timed(naive)
+    t_comp = 0.0
+    if a.compile_decode:
+        compiled()  # warm-up: compilation and CUDA graph capture
+        t_comp = min(timed(compiled) for _ in range(3))
 
     # a transitive training step: generation (prepare) + forward/backward/step
     loader, _ = build_loader(cfg, info.rank, info.world_size, None, p.objective.planner_factory())
@@ -129,6 +146,7 @@ def worker(out: Path, a: argparse.Namespace, overrides: list[str]) -> None:
                     "naive_tokens_per_s": n_tokens / t_naive,
                     "ours_tokens_per_s": n_tokens / t_ours,
                     "host_tokens_per_s": n_tokens / t_host,
+                    "compiled_tokens_per_s": n_tokens / t_comp if t_comp else None,
                     "naive_s": t_naive,
                     "ours_s": t_ours,
                     "generation_share": gen_s / step_s,
@@ -152,6 +170,7 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=196)  # an SVL-digits image: 14x14 tokens
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--compile-decode", action="store_true", help="also time compiled decode")
     ap.add_argument("--worker", default="")
     a, rest = ap.parse_known_args()
     if a.worker:
@@ -199,6 +218,7 @@ def main() -> None:
         str(a.steps),
         "--device",
         a.device,
+        *(["--compile-decode"] if a.compile_decode else []),
         *overrides,
     ]
     res = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
@@ -221,6 +241,8 @@ def main() -> None:
                 "ours_tokens_per_s": round(r["ours_tokens_per_s"], 1),
                 "naive_tokens_per_s": round(r["naive_tokens_per_s"], 1),
                 "host_tokens_per_s": round(r["host_tokens_per_s"], 1),
+                "compiled_tokens_per_s": r["compiled_tokens_per_s"]
+                and round(r["compiled_tokens_per_s"], 1),
                 "world_size": nproc,
                 "device": _device_name(a.device),
             }

@@ -104,3 +104,36 @@ def test_cuda_generation_is_seeded_and_in_range() -> None:
     assert torch.equal(a, b) and torch.equal(la, lb) and a.is_cuda
     for row, n in zip(a.cpu(), la.cpu()):
         assert ((row[:n] >= 40) & (row[:n] < 60)).all()
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_static_cache_gives_the_same_tokens(window: int | None) -> None:
+    m = make()
+    if window is not None:
+        m = Decoder(
+            DecoderConfig(
+                vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, sliding_window=window
+            )
+        ).eval()
+    for cfg, *_ in RECORDED:
+        a = generate(m, prompts(), cfg, torch.Generator().manual_seed(3), fixed_steps=True)
+        b = generate(
+            m,
+            prompts(),
+            cfg,
+            torch.Generator().manual_seed(3),
+            fixed_steps=True,
+            static_cache=True,
+        )
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_recorded_tokens() -> None:
+    """torch.compile(mode="reduce-overhead") decode steps (CUDA graphs on CUDA; plain compiled
+    code here) over the static cache: the same tokens."""
+    cfg, out, lens = RECORDED[0]
+    got, got_lens = generate(
+        make(), prompts(), cfg, torch.Generator().manual_seed(123), compile_step=True
+    )
+    assert got.tolist() == out and got_lens.tolist() == lens

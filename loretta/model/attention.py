@@ -130,6 +130,7 @@ class AttnMeta:
     doc_ids: torch.Tensor | None = None
     k_doc_ids: torch.Tensor | None = None
     q_offset: int = 0  # slot of the first query (tokens already in the KV cache)
+    q_slots: torch.Tensor | None = None  # (Tq,) cache slots of the queries (static KV cache)
     window: int | None = None
     cu_seqlens: torch.Tensor | None = None  # (N+1,) int32, for varlen kernels
     max_seqlen: int = 0
@@ -139,9 +140,18 @@ class AttnMeta:
         """(B or 1, 1, Tq, Tk) boolean mask, True = may attend; None = plain causal from slot 0."""
         if self._mask is not None:
             return self._mask
-        if self.doc_ids is None and self.q_offset == 0 and self.window is None and tq == tk:
+        if (
+            self.doc_ids is None
+            and self.q_offset == 0
+            and self.q_slots is None
+            and self.window is None
+            and tq == tk
+        ):
             return None
-        q_slot = torch.arange(self.q_offset, self.q_offset + tq, device=device)
+        if self.q_slots is not None:
+            q_slot = self.q_slots
+        else:
+            q_slot = torch.arange(self.q_offset, self.q_offset + tq, device=device)
         k_slot = torch.arange(tk, device=device)
         rel = q_slot[:, None] - k_slot[None, :]  # (Tq, Tk) distance back in slots
         mask = rel >= 0
@@ -291,6 +301,7 @@ def _kernel_applies(q: torch.Tensor, meta: AttnMeta) -> bool:
     return (
         meta.cu_seqlens is not None
         and not meta.q_offset
+        and meta.q_slots is None
         and q.dtype in (torch.float16, torch.bfloat16)
     )
 

@@ -65,22 +65,35 @@ class KVCache:
     """Preallocated keys/values for incremental decoding.
 
     k, v: (L, B, Tmax, Hkv, hd); doc_ids: (B, Tmax) document id of each cached slot.
+    Dynamic (default): a step attends to the filled slots [0, length) (a new shape every step).
+    Static (`pos` set, a (1,) device tensor of the next free slot): a step writes its slots by
+    index and attends to all Tmax slots, the unfilled ones masked as "future" keys, so every
+    decode step has the same shapes and no Python int changes: it can be compiled or captured
+    in a CUDA graph.
     """
 
     k: torch.Tensor
     v: torch.Tensor
     doc_ids: torch.Tensor
     length: int = 0
+    pos: torch.Tensor | None = None
 
     @classmethod
     def empty(
-        cls, cfg: DecoderConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype
+        cls,
+        cfg: DecoderConfig,
+        batch: int,
+        max_len: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        static: bool = False,
     ) -> KVCache:
         shape = (cfg.n_layers, batch, max_len, cfg.kv_heads, cfg.head_dim)
         return cls(
             k=torch.zeros(shape, device=device, dtype=dtype),
             v=torch.zeros(shape, device=device, dtype=dtype),
             doc_ids=torch.zeros(batch, max_len, device=device, dtype=torch.long),
+            pos=torch.zeros(1, device=device, dtype=torch.long) if static else None,
         )
 
 
@@ -108,7 +121,11 @@ class Attention(nn.Module):
         qk = apply_rope(qkv[:, :, : self.n_heads + self.n_kv], cos, sin)
         q, k = qk.split([self.n_heads, self.n_kv], dim=2)  # (B, T, H, hd), (B, T, Hkv, hd)
         v = qkv[:, :, self.n_heads + self.n_kv :]
-        if cache is not None:
+        if cache is not None and meta.q_slots is not None:  # static cache: write by index
+            cache.k[layer].index_copy_(1, meta.q_slots, k)
+            cache.v[layer].index_copy_(1, meta.q_slots, v)
+            k, v = cache.k[layer], cache.v[layer]  # (B, Tmax, Hkv, hd), future slots masked
+        elif cache is not None:
             s = cache.length
             cache.k[layer, :, s : s + T] = k
             cache.v[layer, :, s : s + T] = v
@@ -319,6 +336,17 @@ class Decoder(nn.Module):
             meta = build_meta(doc_ids, (B, T), h.device, self.cfg.sliding_window, self.backend)
             if self.backend in ("eager", "sdpa"):
                 meta.dense_mask(T, T, h.device)  # built once here, not inside a compiled block
+        elif cache.pos is not None:  # static: slots from a device tensor, keys = all slots
+            if doc_ids is None:
+                doc_ids = torch.zeros(B, T, dtype=torch.long, device=h.device)
+            slots = cache.pos + torch.arange(T, device=h.device)
+            cache.doc_ids.index_copy_(1, slots, doc_ids)
+            meta = AttnMeta(
+                doc_ids=doc_ids,
+                k_doc_ids=cache.doc_ids,
+                q_slots=slots,
+                window=self.cfg.sliding_window,
+            )
         else:
             s = cache.length
             if doc_ids is None:
@@ -341,7 +369,9 @@ class Decoder(nn.Module):
         return layer(h, ctx.cos, ctx.sin, ctx.meta, self.backend, ctx.cache, i)
 
     def end(self, h: torch.Tensor, ctx: _Ctx, return_hidden: bool = False) -> torch.Tensor:
-        if ctx.cache is not None:
+        if ctx.cache is not None and ctx.cache.pos is not None:
+            ctx.cache.pos += ctx.n_new  # in place, on the device (length is not kept)
+        elif ctx.cache is not None:
             ctx.cache.length += ctx.n_new
         h = self.norm(h)
         return h if return_hidden else self.logits(h)

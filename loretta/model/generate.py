@@ -96,6 +96,13 @@ def device_generator(gen: torch.Generator | None, device: torch.device) -> torch
     return torch.Generator(device).manual_seed(seed)
 
 
+def _compiled_step(fwd: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """fwd under torch.compile for one-token decode steps over a static cache. dynamo keys its
+    cache on the code object, so a new wrapper per generate call reuses earlier compilations."""
+    compiled: Callable[..., torch.Tensor] = torch.compile(fwd, mode="reduce-overhead")
+    return compiled
+
+
 @torch.no_grad()
 def generate(
     model: Decoder,
@@ -106,6 +113,8 @@ def generate(
     fixed_steps: bool = False,
     forward: Callable[..., torch.Tensor] | None = None,
     check_every: int = 8,
+    static_cache: bool | None = None,
+    compile_step: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample continuations of `prompts`.
 
@@ -115,6 +124,10 @@ def generate(
     `forward(ids, positions, doc_ids, cache=...)` replaces model(...) (e.g. to gather weights).
     Sampling runs on the model's device with a generator there (see device_generator); without
     fixed_steps, whether every row has stopped is checked every `check_every` tokens.
+    `static_cache` (default: as compile_step): a KVCache whose decode steps all have one shape
+    (see KVCache). `compile_step`: run decode steps through torch.compile(mode="reduce-overhead")
+    (CUDA graphs on CUDA), over a static cache; `forward` must then be free of collectives
+    (weights gathered once, not per layer group).
     """
     fwd = forward or model
     was_training = model.training
@@ -135,10 +148,14 @@ def generate(
     masks = _keep_masks(cfg, model.cfg.vocab_size, device)
 
     cache = None
+    step = fwd
     if use_cache:
         dtype = model.tok_embeddings.weight.dtype
-        cache = KVCache.empty(model.cfg, N, P + cfg.max_new_tokens, device, dtype)
-        logits = fwd(ids, positions, doc, cache=cache)[:, -1]
+        static = compile_step if static_cache is None else static_cache
+        cache = KVCache.empty(model.cfg, N, P + cfg.max_new_tokens, device, dtype, static)
+        logits = fwd(ids, positions, doc, cache=cache)[:, -1]  # prefill: eager
+        if compile_step:
+            step = _compiled_step(fwd)
     else:
         logits = fwd(ids, positions, doc)[:, -1]
     seq, seq_pos, seq_doc = ids, positions, doc
@@ -158,7 +175,7 @@ def generate(
         pos = (lens + t)[:, None]
         tok = nxt[:, None]
         if cache is not None:
-            logits = fwd(tok, pos, torch.zeros_like(tok), cache=cache)[:, -1]
+            logits = step(tok, pos, torch.zeros_like(tok), cache=cache)[:, -1]
         else:  # the naive path: recompute the whole sequence every step
             seq = torch.cat([seq, tok], 1)
             seq_pos = torch.cat([seq_pos, pos], 1)
