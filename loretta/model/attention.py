@@ -274,25 +274,38 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) ->
 def _flash4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
     if not _kernel_applies(q, meta):
         return _sdpa(q, k, v, meta)
+    assert meta.cu_seqlens is not None
+    # window: keys before the query (None = unbounded); causal fixes the right side at 0
+    left = None if meta.window is None else meta.window - 1
+    out = _flash4_kernel(_flat(q), _flat(k), _flat(v), meta.cu_seqlens, meta.max_seqlen, left)
+    return out.reshape(q.shape)
+
+
+@torch.compiler.disable  # type: ignore[untyped-decorator,unused-ignore]  # CuTe DSL kernel: called as is from compiled blocks, never traced
+def _flash4_kernel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu: torch.Tensor,
+    max_seqlen: int,
+    left: int | None,
+) -> torch.Tensor:
     from flash_attn.cute import flash_attn_varlen_func  # optional GPU extra, imported lazily
 
     # keyword arguments (the positional order differs from flash-attn 2); grouped-query heads
-    # are native; window (keys before the query, None = unbounded), causal fixes the right side
-    left = None if meta.window is None else meta.window - 1
-    cu, mx = meta.cu_seqlens, meta.max_seqlen
+    # are native; it returns (out, lse)
     out = flash_attn_varlen_func(
-        _flat(q),
-        _flat(k),
-        _flat(v),
+        q,
+        k,
+        v,
         cu_seqlens_q=cu,
         cu_seqlens_k=cu,
-        max_seqlen_q=mx,
-        max_seqlen_k=mx,
+        max_seqlen_q=max_seqlen,
+        max_seqlen_k=max_seqlen,
         causal=True,
         window_size=(left, 0),
     )
-    out = out[0] if isinstance(out, tuple) else out  # (out, lse)
-    return out.reshape(q.shape)  # type: ignore[no-any-return]
+    return out[0] if isinstance(out, tuple) else out  # type: ignore[no-any-return]
 
 
 def _kernel_applies(q: torch.Tensor, meta: AttnMeta) -> bool:
