@@ -14,7 +14,10 @@ takes every large tensor (far above glibc's 32 MiB mmap ceiling) from mmap and g
 free, so the resident set follows the live tensors; small allocations are noise at this size.
 Gradients of h and W are set to None after each repeat, so every repeat allocates them anew.
 
-Time: median of `--repeats` forward+backward runs after `--warmup` runs, same for both sides.
+Time: median of `--repeats` forward+backward runs after `--warmup` runs, same for both sides;
+with `--rounds` R the two sides alternate R times (today, fused, today, ...) and each side's
+time is the median over its rounds, so that load from other processes on a shared machine
+weighs on both alike; peak memory is the largest over rounds.
 Last line JSON: peak_mem_ratio = fused / today (goal <= 0.5), time_ratio = fused / today
 (goal <= 1.1), with each side's figures.
     python bench/loss_memory.py            # V 32000, 8 x 2048 tokens, d 512
@@ -93,6 +96,7 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=0, help="tokens per chunk (0: automatic)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1, help="alternate the two sides R times")
     ap.add_argument("--tiny", action="store_true", help="V 4096, 2 x 512 tokens, d 64")
     ap.add_argument("--side", choices=["today", "fused"], help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -111,21 +115,29 @@ def main() -> None:
         f"--warmup={a.warmup}",
         f"--repeats={a.repeats}",
     ]
-    res = {}
+    runs: dict[str, list[dict[str, float]]] = {"today": [], "fused": []}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    for side in ("today", "fused"):
-        r = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), *args, f"--side={side}"],
-            capture_output=True,
-            text=True,
-            env=env,
-        )
-        if r.returncode != 0:
-            sys.exit(f"{side} failed:\n{r.stderr[-3000:]}")
-        res[side] = json.loads(r.stdout.strip().splitlines()[-1])
-        print(json.dumps(res[side]), flush=True)
-    t, f = res["today"], res["fused"]
+    for _ in range(a.rounds):
+        for side in ("today", "fused"):
+            r = subprocess.run(
+                [sys.executable, os.path.abspath(__file__), *args, f"--side={side}"],
+                capture_output=True,
+                text=True,
+                env=env,
+            )
+            if r.returncode != 0:
+                sys.exit(f"{side} failed:\n{r.stderr[-3000:]}")
+            runs[side].append(json.loads(r.stdout.strip().splitlines()[-1]))
+            print(json.dumps(runs[side][-1]), flush=True)
+    t, f = (
+        {
+            "peak_delta_mb": max(x["peak_delta_mb"] for x in runs[side]),
+            "time_s": statistics.median(x["time_s"] for x in runs[side]),
+            "loss": runs[side][-1]["loss"],
+        }
+        for side in ("today", "fused")
+    )
     print(
         json.dumps(
             {
@@ -138,6 +150,7 @@ def main() -> None:
                 "max_abs_loss_diff": abs(t["loss"] - f["loss"]),
                 "shape": {"tokens": a.batch * a.seq, "vocab": a.vocab, "dim": a.dim},
                 "dtype": a.dtype,
+                "rounds": a.rounds,
                 "device": "cpu",
             }
         )
