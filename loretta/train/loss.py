@@ -75,13 +75,23 @@ class _ChunkedLinearCE(torch.autograd.Function):
         for s in range(0, N, chunk):
             e = min(s + chunk, N)
             logits = (h[s:e] @ w.t()).float()  # (n, V): the only large tensor, one chunk
-            lse[s:e] = torch.logsumexp(logits, dim=-1)
             tgt = logits.gather(1, safe[s:e, None]).squeeze(1)
-            losses[s:e] = torch.where(valid[s:e], lse[s:e] - tgt, 0.0)
+            logp = torch.log_softmax(logits, dim=-1)  # one fused pass; logits freed below
+            del logits
+            logp_t = logp.gather(1, safe[s:e, None]).squeeze(1)
+            lse[s:e] = tgt - logp_t
+            losses[s:e] = torch.where(valid[s:e], -logp_t, 0.0)
             if gh is not None and gw is not None:
-                dl = _logit_grad(logits, lse[s:e], safe[s:e], valid[s:e].float(), h.dtype)
+                # softmax - onehot, in place over logp (0 for ignored rows)
+                scale = valid[s:e, None].to(logp.dtype)
+                dl = logp.exp_().mul_(scale)
+                dl.scatter_add_(1, safe[s:e, None], -scale)
+                dl = dl.to(h.dtype)
                 gh[s:e] = dl @ w
-                gw += (dl.t() @ h[s:e]).float()  # accumulated in fp32 over chunks
+                if dl.dtype == gw.dtype:  # fp32: accumulate in place
+                    gw.addmm_(dl.t(), h[s:e])
+                else:  # half precision matmul, accumulated in fp32 over chunks
+                    gw += (dl.t() @ h[s:e]).float()
         ctx.save_for_backward(h, w, safe, valid, lse, gh, gw)
         ctx.chunk = chunk
         return losses
@@ -109,7 +119,10 @@ class _ChunkedLinearCE(torch.autograd.Function):
             if grad_h is not None:
                 grad_h[s:e] = dl @ w
             if grad_w is not None:
-                grad_w += (dl.t() @ h[s:e]).float()
+                if dl.dtype == grad_w.dtype:
+                    grad_w.addmm_(dl.t(), h[s:e])
+                else:
+                    grad_w += (dl.t() @ h[s:e]).float()
         return grad_h, (grad_w.to(w.dtype) if grad_w is not None else None), None, None, None
 
 
@@ -121,7 +134,7 @@ def _logit_grad(
     dtype: torch.dtype,
 ) -> torch.Tensor:
     """d loss / d logits = (softmax - onehot) * scale, per row; overwrites `logits`."""
-    dl = torch.exp(logits.sub_(lse[:, None])).mul_(scale[:, None])
+    dl = logits.sub_(lse[:, None]).exp_().mul_(scale[:, None])
     dl.scatter_add_(1, safe[:, None], -scale[:, None])
     return dl.to(dtype)
 
