@@ -40,8 +40,10 @@ step() {  # step NAME CMD...: run, log to $out/NAME.txt, remember failures
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 $py -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__)"
 
-# CUDA attention backends (varlen; flash_attn when installed) and bf16 ZeRO-3 over NCCL
-step pytest_gpu $py -m pytest -m gpu -q -p no:cacheprovider tests/test_model.py tests/test_zero3.py
+# CUDA attention backends (varlen; flash_attn when installed), fused-loss kernels, compiled
+# blocks, on-device sampling, and bf16 ZeRO-3 over NCCL
+step pytest_gpu $py -m pytest -m gpu -q -p no:cacheprovider tests/test_model.py tests/test_zero3.py \
+  tests/test_loss.py tests/test_generate.py tests/test_compile.py
 
 # decoder vs transformers on the GPU, bf16, one process (no DeepSpeed)
 step model_step_cuda $py bench/model_step.py --device cuda --dtype bfloat16 --dim 2048 \
@@ -49,7 +51,7 @@ step model_step_cuda $py bench/model_step.py --device cuda --dtype bfloat16 --di
 
 # ZeRO-3 generation inside training on the GPU: gathered-once KV-cached vs hook-driven naive
 step transitive_generation_cuda $py bench/transitive_generation.py --device cuda --dim 1024 \
-  --layers 8 --prompts 64 --new 196 --steps 4
+  --layers 8 --prompts 64 --new 196 --steps 4 --compile-decode
 
 # bf16 ZeRO-3 pretraining throughput and MFU: 8 x 2048-dim layers (~0.4B), packed 2048-token rows
 run=/tmp/gpu-mfu-run
@@ -73,6 +75,18 @@ print(json.dumps({**{k: last.get(k) for k in keys},
                   **{k: start.get(k) for k in ("device", "peak_flops", "peak_source")}}))
 EOF
 
+# the 1.1B Llama-style recipe (bf16 ZeRO-3, one GPU, packed 2048-token rows, compiled blocks,
+# fused loss): MFU = tokens/s x (6N + 12·L·d·S) / peak (ANCHORS.md; N without the input
+# embedding; peak 989e12 for H100/H200 bf16 dense)
+run1b=/tmp/gpu-1b-run
+rm -rf "$run1b"
+step pretrain_mfu_1b $py -m torch.distributed.run --nproc_per_node=1 --master_port=29732 \
+  -m loretta.pretrain --config llama_1b --run.run_dir="$run1b" \
+  --data.sources.0.path=/tmp/gpu-1b-data --run.device=cuda --run.steps=${STEPS_1B:-40} \
+  --optim.warmup_steps=5 --logging.interval=10 --logging.wandb=disabled \
+  --logging.progress=never --checkpoint.interval=0 --checkpoint.save_final=false
+[[ -f $run1b/metrics.jsonl ]] && cp "$run1b/metrics.jsonl" "$out/pretrain_mfu_1b_metrics.jsonl"
+
 # README's first command on the GPU, scaled down (SVL data from SVL_DATA, built elsewhere if
 # espeak-ng is missing here): three methods train on the GPU, evaluation, report
 demo=/tmp/gpu-demo
@@ -83,4 +97,6 @@ for f in summary.md metrics.json; do [[ -f $demo/report/$f ]] && cp "$demo/repor
 [[ -f $demo/loretta-seed0/metrics.jsonl ]] && grep -m1 '"event": "start"' "$demo/loretta-seed0/metrics.jsonl"
 
 echo "done: logs in $out/ (fail=$fail)"
+# last line: the figures of this check as one JSON object (null where a step did not run)
+$py bench/gpu_summary.py "$out"
 exit $fail

@@ -8,7 +8,10 @@ paths measured alike (one warm-up each, then --repeats rounds taking the paths i
 plus the share of a transitive training step's wall time spent generating. Last line: JSON with
 "ratio" = once_kv / hooks_kv tokens/s (what gathering once buys over the honest baseline, target
 >= 10), "ratio_vs_naive" = once_kv / naive (gathering once and the KV cache together), and
-"gen_share".
+"gen_share". Also timed alike: host_kv (once_kv with the sampler that ran before sampling moved
+onto the device: one device->host copy and sync per token) as "before" for the GPU check's
+gen_tokens_per_s, and with --compile-decode the compiled decode step (static KV cache, CUDA
+graphs on CUDA).
 
     python bench/transitive_generation.py [--dim 128 --layers 4 --prompts 16 --new 196]
     python bench/transitive_generation.py --device cuda --dim 1024 --layers 8   # one process/GPU
@@ -38,7 +41,6 @@ def worker(out: Path, a: argparse.Namespace, overrides: list[str]) -> None:
     from loretta.data.loader import build_loader
     from loretta.dist import discover
     from loretta.model.generate import SamplingConfig, generate
-    from loretta.train.loss import cross_entropy_per_token
     from loretta.train.trainer import prepare
 
     cfg = load_config("tiny_loretta", overrides)
@@ -65,18 +67,42 @@ def worker(out: Path, a: argparse.Namespace, overrides: list[str]) -> None:
         E.barrier()
         return time.perf_counter() - t
 
+    import loretta.model.generate as G
+
+    device_sample = G._sample
+
+    def sample_on_host(logits, cfg, gen, t=0, masks=None):  # type: ignore[no-untyped-def]
+        # the sampler before this change: multinomial on the host, a sync per token
+        logits = G._restrict(logits.float(), cfg, t, masks)
+        probs = torch.softmax(logits, dim=-1)
+        out = torch.multinomial(probs.cpu(), 1, generator=torch.Generator()).squeeze(-1)
+        return out.to(logits.device)
+
     def run(path: str) -> None:
         gen = torch.Generator().manual_seed(0)
-        if path == "once_kv":
-            with eng.generation("once") as fwd:
-                generate(
-                    eng.module, prompts, sc, gen, use_cache=True, fixed_steps=True, forward=fwd
-                )
+        if path in ("once_kv", "host_kv", "compiled"):
+            G._sample = sample_on_host if path == "host_kv" else device_sample
+            try:
+                with eng.generation("once") as fwd:
+                    generate(
+                        eng.module,
+                        prompts,
+                        sc,
+                        gen,
+                        use_cache=True,
+                        fixed_steps=True,
+                        forward=fwd,
+                        compile_step=path == "compiled",
+                    )
+            finally:
+                G._sample = device_sample
         else:  # the module's own ZeRO-3 hooks fetch every layer for every forward
             use_cache = path == "hooks_kv"
             generate(eng.module, prompts, sc, gen, use_cache=use_cache, fixed_steps=True)
 
-    paths = ("naive", "hooks_kv", "once_kv")
+    paths: tuple[str, ...] = ("naive", "hooks_kv", "once_kv", "host_kv")
+    if a.compile_decode:
+        paths += ("compiled",)
     for path in paths:  # the same warm-up for every path
         run(path)
     times: dict[str, list[float]] = {path: [] for path in paths}
@@ -96,8 +122,7 @@ def worker(out: Path, a: argparse.Namespace, overrides: list[str]) -> None:
         batch = p.objective.prepare(batch, eng, i)
         batch = {k: v.to(eng.device) if torch.is_tensor(v) else v for k, v in batch.items()}
         t1 = time.perf_counter()
-        logits = eng(batch["tokens"], batch["positions"], batch["doc_ids"])
-        tl = cross_entropy_per_token(logits, batch["targets"])
+        tl = eng(batch["tokens"], batch["positions"], batch["doc_ids"], targets=batch["targets"])
         loss = tl.sum() / (batch["targets"] != -100).sum()
         eng.backward(loss)
         eng.step()
@@ -112,6 +137,12 @@ def worker(out: Path, a: argparse.Namespace, overrides: list[str]) -> None:
                 {
                     **{f"{path}_tokens_per_s": n_tokens / t for path, t in median.items()},
                     **{f"{path}_s": t for path, t in median.items()},
+                    # the GPU check's names: before (host sampling) and after (on the device)
+                    "ours_tokens_per_s": n_tokens / median["once_kv"],
+                    "host_tokens_per_s": n_tokens / median["host_kv"],
+                    "compiled_tokens_per_s": (
+                        n_tokens / median["compiled"] if "compiled" in median else None
+                    ),
                     "generation_share": gen_s / step_s,
                     "step_s": step_s / (a.steps - 1),
                 }
@@ -142,6 +173,7 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=2, help="CPU processes (ZeRO-3 world size)")
     ap.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (tests)")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--compile-decode", action="store_true", help="also time compiled decode")
     ap.add_argument("--worker", default="")
     a, rest = ap.parse_known_args()
     if a.worker:
@@ -195,6 +227,7 @@ def main() -> None:
         str(a.repeats),
         "--device",
         a.device,
+        *(["--compile-decode"] if a.compile_decode else []),
         *overrides,
     ]
     res = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)

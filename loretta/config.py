@@ -101,6 +101,9 @@ class GenerationConfig:
     gather: Literal["once", "layers"] = "once"  # ZeRO-3: gather all weights once, or by groups
     layers_per_group: int = 4  # 'layers' mode: layers gathered together per decode step
     batch_size: int = 64  # prompts per generate call
+    # decode steps through torch.compile(mode="reduce-overhead") over a static KV cache (CUDA
+    # graphs on CUDA); needs gather 'once' (a graph cannot hold the per-group gathers)
+    compile_decode: bool = False
 
 
 @dataclass
@@ -149,6 +152,11 @@ class ObjectiveConfig:
             out.append(f"{p}.generation.top_k={g.top_k}: must be >= 0 (0 = off)")
         if g.layers_per_group < 1 or g.batch_size < 1:
             out.append(f"{p}.generation: layers_per_group and batch_size must be >= 1")
+        if g.compile_decode and g.gather != "once":
+            out.append(
+                f"{p}.generation.compile_decode=true needs {p}.generation.gather='once' "
+                f"(got {g.gather!r}); set compile_decode: false to gather by layer groups"
+            )
         for m, n in g.max_tokens.items():
             if n < 1:
                 out.append(f"{p}.generation.max_tokens.{m}={n}: must be >= 1")

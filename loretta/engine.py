@@ -18,6 +18,7 @@ from typing import Any
 import deepspeed
 import torch
 from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+from deepspeed.utils import set_z3_leaf_modules
 
 from loretta.comm import all_reduce_, barrier, broadcast_object
 from loretta.config import TrainConfig
@@ -25,6 +26,7 @@ from loretta.dist import DistInfo
 from loretta.dsconfig import offloads_optimizer
 from loretta.errors import DependencyError
 from loretta.model import Decoder, DecoderConfig
+from loretta.model.decoder import Block
 
 __all__ = ["Engine", "all_reduce_", "barrier", "broadcast_object", "build_engine"]
 
@@ -145,6 +147,7 @@ class Engine:
     def __init__(self, ds_engine: Any, ds_config: dict[str, Any]) -> None:
         self.ds = ds_engine
         self.ds_config = ds_config
+        self._last_step: tuple[bool, float] = (True, float("nan"))
 
     @property
     def module(self) -> Decoder:
@@ -169,8 +172,13 @@ class Engine:
 
     def step(self) -> tuple[bool, float]:
         """Optimizer step at the accumulation boundary -> (applied, global grad norm).
-        DeepSpeed discards a step whose gradients are not finite (norm reported as inf)."""
+        DeepSpeed discards a step whose gradients are not finite (norm reported as inf).
+        Between boundaries nothing is read back (the norm may be a device tensor: reading it
+        would sync the host every micro-step); the last boundary's result is returned."""
+        boundary = self.is_accumulation_boundary()
         self.ds.step()
+        if not boundary:
+            return self._last_step
         norm = self.ds.get_global_grad_norm()
         norm = float("nan") if norm is None else float(norm)
         applied = (
@@ -178,6 +186,7 @@ class Engine:
             and norm == norm
             and norm != float("inf")
         )
+        self._last_step = (applied, norm)
         return applied, norm
 
     def is_accumulation_boundary(self) -> bool:
@@ -295,6 +304,15 @@ def build_engine(
         check_deepspeed_version(deepspeed.__version__)  # fail before the first generation
     model = build_model(cfg.model, ds_config, seed, cfg.engine.zero_init, init_state)
     model.activation_checkpointing = cfg.engine.activation_checkpointing
+    device = torch.device(deepspeed.get_accelerator().device_name())
+    model.set_loss_impl(cfg.model.loss_impl, device)
+    if (
+        model.compile_blocks(cfg.model.compile, device)
+        and ds_config.get("zero_optimization", {}).get("stage", 0) == 3
+    ):
+        # each block becomes one ZeRO-3 unit: its weights are gathered by one hook before the
+        # compiled body runs, and no hook fires inside the graph (on its submodules)
+        set_z3_leaf_modules(model, [Block])
     groups = param_groups(model, cfg.optim.weight_decay)
     if offloads_optimizer(ds_config) or "optimizer" in ds_config:
         optimizer = None  # DeepSpeed builds it from the JSON (CPU Adam for offload)

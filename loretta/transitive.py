@@ -287,6 +287,7 @@ class TransitiveObjective(Objective):
                 use_cache=True,
                 fixed_steps=True,
                 forward=fwd,
+                compile_step=self.cfg.objective.generation.compile_decode,
             )
             for (d, k, _, n), row, ln in zip(chunk, out.cpu(), lens.cpu()):
                 ids = (row[: min(int(ln), n)].numpy() - off).astype(np.int64)

@@ -136,3 +136,14 @@ def test_shipped_deepspeed_configs_parse_and_agree(name: str) -> None:
     ds = resolve_ds_config(cfg, 2)
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["stage3_param_persistence_threshold"] == 0
+
+
+def test_one_node_deepspeed_config_and_the_1b_recipe() -> None:
+    cfg = load_config("llama_1b")
+    ds = resolve_ds_config(cfg, 8)
+    z = ds["zero_optimization"]
+    assert z["stage"] == 3 and z["overlap_comm"] is True
+    assert z["stage3_param_persistence_threshold"] >= 1e5  # norms stay resident
+    assert ds["bf16"]["enabled"] is True
+    m = cfg.model
+    assert 1.05e9 < m.num_params() < 1.15e9 and cfg.data.seq_len == 2048

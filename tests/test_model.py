@@ -131,7 +131,7 @@ def test_generation_cached_equals_uncached_and_stays_in_range() -> None:
 def test_backend_resolution() -> None:
     cpu = torch.device("cpu")
     assert resolve_backend("auto", cpu) == "sdpa"
-    for name in ("varlen", "flash_attn"):
+    for name in ("varlen", "flash_attn", "flash_attn_4"):
         with pytest.raises(AttentionBackendError, match=f"attn_backend='{name}'.*CUDA"):
             resolve_backend(name, cpu)
 
@@ -182,7 +182,7 @@ def test_logit_parity_with_transformers(kw: dict[str, object]) -> None:
 
 # ---- CUDA-only backends (run on a GPU machine: pytest -m gpu) ----------------------------------
 @pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["varlen", "flash_attn"])
+@pytest.mark.parametrize("backend", ["varlen", "flash_attn", "flash_attn_4"])
 @pytest.mark.parametrize("window", [None, 4])
 def test_cuda_backends_agree_and_isolate_documents(backend: str, window: int | None) -> None:
     dev = torch.device("cuda")
@@ -284,3 +284,60 @@ def test_varlen_adapter_matches_eager_on_each_torch_api(
         assert len(calls) == n
     finally:
         A._varlen_params.cache_clear()
+
+
+def test_flash_attn_4_adapter_calls_the_cute_interface(monkeypatch: pytest.MonkeyPatch) -> None:
+    """flash-attn-4 (flash_attn.cute) takes keywords, native GQA, window (left or None, 0) and
+    returns (out, lse): the adapter must call it so, checked here against a stand-in."""
+    import sys
+    import types
+
+    calls = []
+
+    def fake(
+        q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window_size
+    ):  # type: ignore[no-untyped-def]
+        calls.append(window_size)
+        assert causal and window_size[1] == 0 and torch.equal(cu_seqlens_q, cu_seqlens_k)
+        left = -1 if window_size[0] is None else window_size[0]
+        out = _reference_varlen(
+            q.float(),
+            k.float(),
+            v.float(),
+            cu_seqlens_q,
+            cu_seqlens_k,
+            max_seqlen_q,
+            max_seqlen_k,
+            window=(left, 0),
+            gqa=True,
+        )
+        return out.to(q.dtype), None
+
+    cute = types.ModuleType("flash_attn.cute")
+    cute.flash_attn_varlen_func = fake  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "flash_attn.cute", cute)
+    for window in (None, 4):
+        ids, pos, doc = packed()
+        m = make(sliding_window=window)
+        m.backend = "eager"
+        ref = m(ids, pos, doc)
+        m.backend = "flash_attn_4"
+        out = m.to(torch.bfloat16)(ids, pos, doc).float()  # bf16 weights, as under DeepSpeed
+        assert (out - ref).abs().max() / ref.abs().max() < 3e-2
+        assert calls[-1] == (None if window is None else window - 1, 0)
+
+
+@pytest.mark.gpu
+def test_flash_attn_4_matches_sdpa_on_cuda() -> None:
+    dev = torch.device("cuda")
+    try:
+        resolve_backend("flash_attn_4", dev)
+    except AttentionBackendError as e:
+        pytest.skip(str(e))
+    m = make(dim=256, n_heads=4, n_kv_heads=2).to(dev, torch.bfloat16)  # head dim 64, as DS bf16
+    ids, pos, doc = (t.to(dev) for t in packed())
+    m.set_backend("sdpa", dev)
+    ref = m(ids, pos, doc).float()
+    m.set_backend("flash_attn_4", dev)
+    out = m(ids, pos, doc).float()
+    assert (out - ref).abs().max() / ref.abs().max() < 3e-2

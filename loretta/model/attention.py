@@ -5,9 +5,11 @@ sliding window W is set, to the last W keys (the query included). Shapes:
     q: (B, Tq, H, hd)   k, v: (B, Tk, Hkv, hd)   ->   out: (B, Tq, H, hd)
 
 ``eager`` is the reference math. ``sdpa`` calls torch's scaled_dot_product_attention (which picks
-FlashAttention/memory-efficient kernels on CUDA). ``varlen`` (torch.nn.attention.varlen) and
-``flash_attn`` (the flash-attn package) run on flattened documents given by cu_seqlens, so no
-(T, T) mask is ever built; both are CUDA-only.
+FlashAttention/memory-efficient kernels on CUDA). ``varlen`` (torch.nn.attention.varlen),
+``flash_attn`` (the flash-attn 2 package) and ``flash_attn_4`` (the flash-attn-4 package,
+``flash_attn.cute``: FlashAttention for Hopper and Blackwell, compute capability >= 9) run on
+flattened documents given by cu_seqlens, so no (T, T) mask is ever built; all three are
+CUDA-only. ``auto`` takes the first available of flash_attn_4, flash_attn, varlen, sdpa.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("eager", "sdpa", "varlen", "flash_attn")
+BACKENDS = ("eager", "sdpa", "varlen", "flash_attn", "flash_attn_4")
+_VARLEN_BACKENDS = ("varlen", "flash_attn", "flash_attn_4")
 
 
 class AttentionBackendError(RuntimeError):
@@ -35,6 +38,23 @@ def _varlen_fn() -> Any:
     except ImportError:
         return None
     return varlen_attn
+
+
+def _find(name: str) -> Any:
+    try:
+        return importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+
+
+def _has_flash_attn_2() -> bool:
+    # flash-attn-4 alone installs flash_attn/ as a namespace package (no __init__, origin None)
+    spec = _find("flash_attn")
+    return spec is not None and spec.origin not in (None, "namespace")
+
+
+def _has_flash_attn_4() -> bool:
+    return _find("flash_attn") is not None and _find("flash_attn.cute") is not None
 
 
 @functools.cache
@@ -63,8 +83,21 @@ def backend_available(
             )
         return True, ""
     if name == "flash_attn":
-        if importlib.util.find_spec("flash_attn") is None:
+        if not _has_flash_attn_2():
             return False, "the flash-attn package is not installed (pip install 'loretta[gpu]')"
+        return True, ""
+    if name == "flash_attn_4":
+        if not _has_flash_attn_4():
+            return (
+                False,
+                "the flash-attn-4 package is not installed (pip install --pre flash-attn-4)",
+            )
+        major = torch.cuda.get_device_capability(device)[0]
+        if major < 9:
+            return (
+                False,
+                f"flash-attn-4 needs compute capability >= 9 (Hopper), this GPU has {major}",
+            )
         return True, ""
     return False, f"unknown backend {name!r}; choose one of {('auto', *BACKENDS)}"
 
@@ -72,7 +105,7 @@ def backend_available(
 def resolve_backend(name: str, device: torch.device, window: int | None = None) -> str:
     """'auto' -> the fastest available backend; an unavailable explicit choice is an error."""
     if name == "auto":
-        for cand in ("flash_attn", "varlen", "sdpa"):
+        for cand in ("flash_attn_4", "flash_attn", "varlen", "sdpa"):
             if backend_available(cand, device, window)[0]:
                 return cand
         return "sdpa"
@@ -100,6 +133,7 @@ class AttnMeta:
     doc_ids: torch.Tensor | None = None
     k_doc_ids: torch.Tensor | None = None
     q_offset: int = 0  # slot of the first query (tokens already in the KV cache)
+    q_slots: torch.Tensor | None = None  # (Tq,) cache slots of the queries (static KV cache)
     window: int | None = None
     cu_seqlens: torch.Tensor | None = None  # (N+1,) int32, for varlen kernels
     max_seqlen: int = 0
@@ -109,9 +143,18 @@ class AttnMeta:
         """(B or 1, 1, Tq, Tk) boolean mask, True = may attend; None = plain causal from slot 0."""
         if self._mask is not None:
             return self._mask
-        if self.doc_ids is None and self.q_offset == 0 and self.window is None and tq == tk:
+        if (
+            self.doc_ids is None
+            and self.q_offset == 0
+            and self.q_slots is None
+            and self.window is None
+            and tq == tk
+        ):
             return None
-        q_slot = torch.arange(self.q_offset, self.q_offset + tq, device=device)
+        if self.q_slots is not None:
+            q_slot = self.q_slots
+        else:
+            q_slot = torch.arange(self.q_offset, self.q_offset + tq, device=device)
         k_slot = torch.arange(tk, device=device)
         rel = q_slot[:, None] - k_slot[None, :]  # (Tq, Tk) distance back in slots
         mask = rel >= 0
@@ -135,7 +178,7 @@ def build_meta(
 ) -> AttnMeta:
     """Masking info for a (B, T) batch; cu_seqlens for varlen kernels (training forward only)."""
     meta = AttnMeta(doc_ids=doc_ids, window=window, q_offset=q_offset)
-    if backend in ("varlen", "flash_attn") and q_offset == 0:
+    if backend in _VARLEN_BACKENDS and q_offset == 0:
         B, T = shape
         if doc_ids is None:  # one document per row
             cu = torch.arange(0, B * T + 1, T, dtype=torch.int32, device=device)
@@ -163,6 +206,8 @@ def attention(
         return _varlen(q, k, v, meta)
     if backend == "flash_attn":
         return _flash(q, k, v, meta)
+    if backend == "flash_attn_4":
+        return _flash4(q, k, v, meta)
     raise AttentionBackendError(f"unknown attention backend {backend!r}")
 
 
@@ -229,12 +274,50 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) ->
     return _over_documents(q, k, v, meta, flash_attn_varlen_func, **kw)
 
 
+def _flash4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttnMeta) -> torch.Tensor:
+    if not _kernel_applies(q, meta):
+        return _sdpa(q, k, v, meta)
+    assert meta.cu_seqlens is not None
+    # window: keys before the query (None = unbounded); causal fixes the right side at 0
+    left = None if meta.window is None else meta.window - 1
+    out = _flash4_kernel(_flat(q), _flat(k), _flat(v), meta.cu_seqlens, meta.max_seqlen, left)
+    return out.reshape(q.shape)
+
+
+@torch.compiler.disable  # type: ignore[untyped-decorator,unused-ignore]  # CuTe DSL kernel: called as is from compiled blocks, never traced
+def _flash4_kernel(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu: torch.Tensor,
+    max_seqlen: int,
+    left: int | None,
+) -> torch.Tensor:
+    from flash_attn.cute import flash_attn_varlen_func  # optional GPU extra, imported lazily
+
+    # keyword arguments (the positional order differs from flash-attn 2); grouped-query heads
+    # are native; it returns (out, lse)
+    out = flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu_seqlens_q=cu,
+        cu_seqlens_k=cu,
+        max_seqlen_q=max_seqlen,
+        max_seqlen_k=max_seqlen,
+        causal=True,
+        window_size=(left, 0),
+    )
+    return out[0] if isinstance(out, tuple) else out  # type: ignore[no-any-return]
+
+
 def _kernel_applies(q: torch.Tensor, meta: AttnMeta) -> bool:
     """The varlen kernels take packed prefill in half precision; KV-cache decode steps and fp32
     inputs take the masked sdpa path instead."""
     return (
         meta.cu_seqlens is not None
         and not meta.q_offset
+        and meta.q_slots is None
         and q.dtype in (torch.float16, torch.bfloat16)
     )
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-AttnBackend = Literal["auto", "eager", "sdpa", "varlen", "flash_attn"]
+AttnBackend = Literal["auto", "eager", "sdpa", "varlen", "flash_attn", "flash_attn_4"]
+# the training loss: 'chunked' (fused output projection + cross-entropy in plain torch, no full
+# logits), 'torch' (full fp32 logits, the reference), 'cce'/'liger' (library kernels, CUDA);
+# 'auto': a library kernel on CUDA when installed, else 'chunked'
+LossImpl = Literal["auto", "chunked", "torch", "liger", "cce"]
+
+# how the model runs, not what it computes: a checkpoint may resume with other values
+RUNTIME_FIELDS = frozenset({"attn_backend", "loss_impl", "loss_chunk", "compile"})
 
 
 @dataclass
@@ -26,6 +33,9 @@ class DecoderConfig:
     attn_backend: AttnBackend = "auto"
     init_std: float = 0.02
     dropout: float = 0.0
+    loss_impl: LossImpl = "auto"
+    loss_chunk: int = 0  # tokens per chunk of the fused loss; 0: from the vocabulary size
+    compile: Literal["auto"] | bool = "auto"  # torch.compile each block; 'auto': on CUDA only
 
     # ---- derived ----------------------------------------------------------------------------
     @property
@@ -78,6 +88,8 @@ class DecoderConfig:
             )
         if not self.init_std > 0:
             p.append(f"{prefix}.init_std={self.init_std}: must be > 0, e.g. 0.02")
+        if self.loss_chunk < 0:
+            p.append(f"{prefix}.loss_chunk={self.loss_chunk}: must be >= 0 (0 = automatic)")
         if not 0.0 <= self.dropout < 1.0:
             p.append(f"{prefix}.dropout={self.dropout}: must be in [0, 1)")
         return p

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from torch.utils.checkpoint import checkpoint
 
 from loretta.model.attention import AttnMeta, attention, build_meta, resolve_backend
 from loretta.model.config import DecoderConfig
+from loretta.train.loss import linear_cross_entropy, resolve_loss_impl
 
 
 class RMSNorm(nn.Module):
@@ -63,22 +65,35 @@ class KVCache:
     """Preallocated keys/values for incremental decoding.
 
     k, v: (L, B, Tmax, Hkv, hd); doc_ids: (B, Tmax) document id of each cached slot.
+    Dynamic (default): a step attends to the filled slots [0, length) (a new shape every step).
+    Static (`pos` set, a (1,) device tensor of the next free slot): a step writes its slots by
+    index and attends to all Tmax slots, the unfilled ones masked as "future" keys, so every
+    decode step has the same shapes and no Python int changes: it can be compiled or captured
+    in a CUDA graph.
     """
 
     k: torch.Tensor
     v: torch.Tensor
     doc_ids: torch.Tensor
     length: int = 0
+    pos: torch.Tensor | None = None
 
     @classmethod
     def empty(
-        cls, cfg: DecoderConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype
+        cls,
+        cfg: DecoderConfig,
+        batch: int,
+        max_len: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        static: bool = False,
     ) -> KVCache:
         shape = (cfg.n_layers, batch, max_len, cfg.kv_heads, cfg.head_dim)
         return cls(
             k=torch.zeros(shape, device=device, dtype=dtype),
             v=torch.zeros(shape, device=device, dtype=dtype),
             doc_ids=torch.zeros(batch, max_len, device=device, dtype=torch.long),
+            pos=torch.zeros(1, device=device, dtype=torch.long) if static else None,
         )
 
 
@@ -106,7 +121,11 @@ class Attention(nn.Module):
         qk = apply_rope(qkv[:, :, : self.n_heads + self.n_kv], cos, sin)
         q, k = qk.split([self.n_heads, self.n_kv], dim=2)  # (B, T, H, hd), (B, T, Hkv, hd)
         v = qkv[:, :, self.n_heads + self.n_kv :]
-        if cache is not None:
+        if cache is not None and meta.q_slots is not None:  # static cache: write by index
+            cache.k[layer].index_copy_(1, meta.q_slots, k)
+            cache.v[layer].index_copy_(1, meta.q_slots, v)
+            k, v = cache.k[layer], cache.v[layer]  # (B, Tmax, Hkv, hd), future slots masked
+        elif cache is not None:
             s = cache.length
             cache.k[layer, :, s : s + T] = k
             cache.v[layer, :, s : s + T] = v
@@ -135,8 +154,25 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.compiled: Callable[..., torch.Tensor] | None = None  # see Decoder.compile_blocks
 
     def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttnMeta,
+        backend: str,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        # the compiled body serves full-sequence forwards; KV-cache decode steps (a new shape
+        # every step) stay eager. Module hooks (ZeRO-3's gathers) run outside, in __call__.
+        if self.compiled is not None and cache is None:
+            return self.compiled(x, cos, sin, meta, backend)
+        return self.body(x, cos, sin, meta, backend, cache, layer)
+
+    def body(
         self,
         x: torch.Tensor,
         cos: torch.Tensor,
@@ -150,6 +186,22 @@ class Block(nn.Module):
             self.attention(self.attention_norm(x), cos, sin, meta, backend, cache, layer)
         )
         return h + self.dropout(self.feed_forward(self.ffn_norm(h)))
+
+
+class OutputHead(nn.Linear):
+    """The output projection; given targets it returns per-token losses instead of logits,
+    fused with the cross-entropy so that the (B*T, V) logits never exist at once."""
+
+    def forward(  # type: ignore[override]
+        self,
+        h: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        impl: str = "chunked",
+        chunk: int = 0,
+    ) -> torch.Tensor:
+        if targets is None:
+            return super().forward(h)  # (B, T, V)
+        return linear_cross_entropy(h, self.weight, targets, impl, chunk)  # (B*T,) fp32
 
 
 @dataclass
@@ -175,8 +227,11 @@ class Decoder(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = (
+            None if cfg.tie_embeddings else OutputHead(cfg.dim, cfg.vocab_size, bias=False)
+        )
         self.backend: str = "sdpa" if cfg.attn_backend == "auto" else cfg.attn_backend
+        self.loss_impl: str = "chunked" if cfg.loss_impl == "auto" else cfg.loss_impl
         self.activation_checkpointing = False
         self.init_weights()
 
@@ -212,6 +267,23 @@ class Decoder(nn.Module):
         self.backend = resolve_backend(name, device, self.cfg.sliding_window)
         return self.backend
 
+    def set_loss_impl(self, name: str, device: torch.device) -> str:
+        self.loss_impl = resolve_loss_impl(name, device)
+        return self.loss_impl
+
+    def compile_blocks(self, mode: str | bool = "auto", device: torch.device | None = None) -> bool:
+        """torch.compile each block's body (not the whole model: a ZeRO-3 engine gathers and
+        releases weights in hooks at module boundaries, which stay outside the graphs).
+        mode 'auto': on for CUDA, off elsewhere. Returns whether blocks are compiled."""
+        dev = device or self.tok_embeddings.weight.device
+        on = dev.type == "cuda" if mode == "auto" else bool(mode)
+        for layer in self.layers:
+            assert isinstance(layer, Block)
+            # dynamic=None: shapes are fixed in training; an int that changes between batches
+            # (max_seqlen of packed documents) becomes symbolic after one recompile
+            layer.compiled = torch.compile(layer.body) if on else None
+        return on
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -219,8 +291,11 @@ class Decoder(nn.Module):
         doc_ids: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_hidden: bool = False,
+        targets: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """input_ids (B, T) -> logits (B, T, V), or final hidden states (B, T, d).
+        """input_ids (B, T) -> logits (B, T, V), or final hidden states (B, T, d), or with
+        `targets` (B, T) per-token losses (B*T,) in fp32 (0 where the target is IGNORE), fused
+        with the output projection while its weight is at hand (gathered, under ZeRO-3).
 
         Packed rows: `doc_ids` (B, T) marks documents (contiguous runs); tokens attend only within
         their document, and `position_ids` should restart at 0 per document. With a `cache`,
@@ -229,7 +304,19 @@ class Decoder(nn.Module):
         h, ctx = self.begin(input_ids, position_ids, doc_ids, cache)
         for i in range(len(self.layers)):
             h = self.run_layer(i, h, ctx)
+        if targets is not None:
+            return self.loss(self.end(h, ctx, return_hidden=True), targets)
         return self.end(h, ctx, return_hidden)
+
+    def loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Final normed hidden states (B, T, d), targets (B, T) -> per-token losses (B*T,)."""
+        chunk = self.cfg.loss_chunk
+        if self.output is None:
+            return linear_cross_entropy(
+                h, self.tok_embeddings.weight, targets, self.loss_impl, chunk
+            )
+        out: torch.Tensor = self.output(h, targets, self.loss_impl, chunk)
+        return out
 
     # forward in three pieces, so that a caller can wrap each piece (e.g. gather its weights)
     def begin(
@@ -247,6 +334,19 @@ class Decoder(nn.Module):
         cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
         if cache is None:
             meta = build_meta(doc_ids, (B, T), h.device, self.cfg.sliding_window, self.backend)
+            if self.backend in ("eager", "sdpa"):
+                meta.dense_mask(T, T, h.device)  # built once here, not inside a compiled block
+        elif cache.pos is not None:  # static: slots from a device tensor, keys = all slots
+            if doc_ids is None:
+                doc_ids = torch.zeros(B, T, dtype=torch.long, device=h.device)
+            slots = cache.pos + torch.arange(T, device=h.device)
+            cache.doc_ids.index_copy_(1, slots, doc_ids)
+            meta = AttnMeta(
+                doc_ids=doc_ids,
+                k_doc_ids=cache.doc_ids,
+                q_slots=slots,
+                window=self.cfg.sliding_window,
+            )
         else:
             s = cache.length
             if doc_ids is None:
@@ -269,7 +369,9 @@ class Decoder(nn.Module):
         return layer(h, ctx.cos, ctx.sin, ctx.meta, self.backend, ctx.cache, i)
 
     def end(self, h: torch.Tensor, ctx: _Ctx, return_hidden: bool = False) -> torch.Tensor:
-        if ctx.cache is not None:
+        if ctx.cache is not None and ctx.cache.pos is not None:
+            ctx.cache.pos += ctx.n_new  # in place, on the device (length is not kept)
+        elif ctx.cache is not None:
             ctx.cache.length += ctx.n_new
         h = self.norm(h)
         return h if return_hidden else self.logits(h)

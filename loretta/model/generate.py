@@ -35,14 +35,33 @@ def left_pad(prompts: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, to
     return ids, lens
 
 
-def _restrict(logits: torch.Tensor, cfg: SamplingConfig, t: int = 0) -> torch.Tensor:
+def _keep_masks(
+    cfg: SamplingConfig, vocab: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(V,) masks of the ids a sample may take before and from min_new_tokens on (stop ids
+    allowed), built once per call on the device; None when every id is allowed."""
+    if cfg.allowed is None and not cfg.stop_ids:
+        return None
+    keep = torch.zeros(vocab, dtype=torch.bool)
+    lo, hi = cfg.allowed if cfg.allowed is not None else (0, vocab)
+    keep[lo:hi] = True
+    late = keep.clone()
+    if cfg.stop_ids:
+        late[list(cfg.stop_ids)] = True
+    return keep.to(device), late.to(device)
+
+
+def _restrict(
+    logits: torch.Tensor,
+    cfg: SamplingConfig,
+    t: int = 0,
+    masks: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Mask logits (N, V) to the allowed range plus stop ids; apply temperature/top-k."""
-    if cfg.allowed is not None or cfg.stop_ids:
-        keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-        lo, hi = cfg.allowed if cfg.allowed is not None else (0, logits.shape[-1])
-        keep[lo:hi] = True
-        if cfg.stop_ids and t >= cfg.min_new_tokens:
-            keep[list(cfg.stop_ids)] = True
+    if masks is None and (cfg.allowed is not None or cfg.stop_ids):
+        masks = _keep_masks(cfg, logits.shape[-1], logits.device)
+    if masks is not None:
+        keep = masks[1] if t >= cfg.min_new_tokens else masks[0]
         logits = logits.masked_fill(~keep, float("-inf"))
     if cfg.temperature > 0:
         logits = logits / cfg.temperature
@@ -53,14 +72,35 @@ def _restrict(logits: torch.Tensor, cfg: SamplingConfig, t: int = 0) -> torch.Te
 
 
 def _sample(
-    logits: torch.Tensor, cfg: SamplingConfig, gen: torch.Generator | None, t: int = 0
+    logits: torch.Tensor,
+    cfg: SamplingConfig,
+    gen: torch.Generator | None,
+    t: int = 0,
+    masks: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    logits = _restrict(logits.float(), cfg, t)
+    """(N, V) logits -> (N,) ids, on the logits' device (no host sync): `gen` must live there."""
+    logits = _restrict(logits.float(), cfg, t, masks)
     if cfg.temperature <= 0:
         return logits.argmax(-1)
     probs = torch.softmax(logits, dim=-1)
-    # sample on the CPU generator so results do not depend on the device
-    return torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(logits.device)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+def device_generator(gen: torch.Generator | None, device: torch.device) -> torch.Generator | None:
+    """A generator on `device` for sampling there. A CPU generator on a CPU model is used as
+    is (same tokens as sampling on the host); for another device, a new generator is seeded
+    from it (one host-side draw per generate call, not one transfer per token)."""
+    if gen is None or gen.device == device or (gen.device.type == device.type == "cpu"):
+        return gen
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen))
+    return torch.Generator(device).manual_seed(seed)
+
+
+def _compiled_step(fwd: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """fwd under torch.compile for one-token decode steps over a static cache. dynamo keys its
+    cache on the code object, so a new wrapper per generate call reuses earlier compilations."""
+    compiled: Callable[..., torch.Tensor] = torch.compile(fwd, mode="reduce-overhead")
+    return compiled
 
 
 @torch.no_grad()
@@ -72,6 +112,9 @@ def generate(
     use_cache: bool = True,
     fixed_steps: bool = False,
     forward: Callable[..., torch.Tensor] | None = None,
+    check_every: int = 8,
+    static_cache: bool | None = None,
+    compile_step: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample continuations of `prompts`.
 
@@ -79,6 +122,12 @@ def generate(
     generated parts (stop id excluded). With fixed_steps every call runs exactly max_new_tokens
     decode steps, so that processes which must stay in lockstep never disagree on the count.
     `forward(ids, positions, doc_ids, cache=...)` replaces model(...) (e.g. to gather weights).
+    Sampling runs on the model's device with a generator there (see device_generator); without
+    fixed_steps, whether every row has stopped is checked every `check_every` tokens.
+    `static_cache` (default: as compile_step): a KVCache whose decode steps all have one shape
+    (see KVCache). `compile_step`: run decode steps through torch.compile(mode="reduce-overhead")
+    (CUDA graphs on CUDA), over a static cache; `forward` must then be free of collectives
+    (weights gathered once, not per layer group).
     """
     fwd = forward or model
     was_training = model.training
@@ -95,28 +144,38 @@ def generate(
     done = torch.zeros(N, dtype=torch.bool, device=device)
     gen_len = torch.zeros(N, dtype=torch.long, device=device)
     stop = torch.tensor(list(cfg.stop_ids) or [-1], device=device)
+    gen = device_generator(generator, device)
+    masks = _keep_masks(cfg, model.cfg.vocab_size, device)
 
     cache = None
+    step = fwd
     if use_cache:
         dtype = model.tok_embeddings.weight.dtype
-        cache = KVCache.empty(model.cfg, N, P + cfg.max_new_tokens, device, dtype)
-        logits = fwd(ids, positions, doc, cache=cache)[:, -1]
+        static = compile_step if static_cache is None else static_cache
+        cache = KVCache.empty(model.cfg, N, P + cfg.max_new_tokens, device, dtype, static)
+        logits = fwd(ids, positions, doc, cache=cache)[:, -1]  # prefill: eager
+        if compile_step:
+            step = _compiled_step(fwd)
     else:
         logits = fwd(ids, positions, doc)[:, -1]
     seq, seq_pos, seq_doc = ids, positions, doc
+    # no host sync in this loop (no .item(), .cpu(), bool(tensor)) except the early-stop check
+    # every `check_every` tokens when steps are not fixed: the device runs ahead of Python
     for t in range(cfg.max_new_tokens):
-        nxt = _sample(logits, cfg, generator, t)
+        nxt = _sample(logits, cfg, gen, t, masks)
         is_stop = torch.isin(nxt, stop) & ~done
         newly = ~done & ~is_stop
         out[:, t] = torch.where(newly, nxt, torch.full_like(nxt, cfg.pad_id))
         gen_len += newly.long()
         done |= is_stop
-        if t == cfg.max_new_tokens - 1 or (bool(done.all()) and not fixed_steps):
+        if t == cfg.max_new_tokens - 1:
             break
+        if not fixed_steps and (t + 1) % check_every == 0 and bool(done.all()):
+            break  # every row has stopped; tokens after a stop are pad_id either way
         pos = (lens + t)[:, None]
         tok = nxt[:, None]
         if cache is not None:
-            logits = fwd(tok, pos, torch.zeros_like(tok), cache=cache)[:, -1]
+            logits = step(tok, pos, torch.zeros_like(tok), cache=cache)[:, -1]
         else:  # the naive path: recompute the whole sequence every step
             seq = torch.cat([seq, tok], 1)
             seq_pos = torch.cat([seq_pos, pos], 1)

@@ -34,6 +34,7 @@ from loretta.config import TrainConfig, config_from_dict
 from loretta.configlib import to_dict
 from loretta.data.format import atomic_write_bytes, atomic_write_json, fsync_dir, replace_dir
 from loretta.errors import CheckpointError
+from loretta.model.config import RUNTIME_FIELDS
 from loretta.vocab import VocabLayout
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
@@ -132,7 +133,7 @@ def check_compatible(folder: Path, cfg: TrainConfig, layout: VocabLayout) -> dic
     diffs = [
         f"model.{k}: checkpoint {v!r} vs config {getattr(cfg.model, k)!r}"
         for k, v in to_dict(saved.model).items()
-        if k != "attn_backend" and getattr(cfg.model, k) != v
+        if k not in RUNTIME_FIELDS and getattr(cfg.model, k) != v
     ]
     if diffs:
         raise CheckpointError(

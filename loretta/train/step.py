@@ -21,7 +21,6 @@ from loretta.comm import all_reduce_
 from loretta.config import TrainConfig
 from loretta.data.sequences import IGNORE
 from loretta.train.faults import EXIT_OK
-from loretta.train.loss import cross_entropy_per_token
 from loretta.train.metrics import LossStats, rss_gb
 
 
@@ -66,14 +65,17 @@ class StepResult:
 
 
 def forward_loss(eng: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (per-token losses (B*T,), valid mask (B*T,)) of one micro-batch."""
-    logits = eng(
+    """-> (per-token losses (B*T,) fp32, valid mask (B*T,)) of one micro-batch. The loss is
+    fused with the output projection inside the model (loretta/train/loss.py): no B x T x V
+    fp32 logits."""
+    targets = batch["targets"].to(eng.device)
+    tok_loss = eng(
         batch["tokens"].to(eng.device),
         batch["positions"].to(eng.device),
         batch["doc_ids"].to(eng.device),
+        targets=targets,
     )
-    targets = batch["targets"].to(eng.device)
-    return cross_entropy_per_token(logits, targets), targets.reshape(-1) != IGNORE
+    return tok_loss, targets.reshape(-1) != IGNORE
 
 
 def train_step(
@@ -89,7 +91,9 @@ def train_step(
     """Step `step` (0-based: the step that becomes `step + 1` once applied)."""
     eng.set_lr(lr := lr_at(step, cfg))
     r = StepResult(lr, 0.0, False, float("nan"), False)
-    step_loss = torch.zeros(3, dtype=torch.float64)  # loss sum, micro-batches, stop requested
+    # loss sum, micro-batches, stop requested; on the device: one host sync a step, not one a
+    # micro-step
+    step_loss = torch.zeros(3, dtype=torch.float64, device=eng.device)
     B, T = cfg.data.micro_batch_size, cfg.data.seq_len
     for _ in range(cfg.optim.grad_accum_steps):
         t0 = time.perf_counter()
@@ -110,7 +114,7 @@ def train_step(
             batch["target_direction"].to(eng.device).reshape(-1),
             batch["target_modality"].to(eng.device).reshape(-1),
         )
-        step_loss[0] += float(loss.detach())
+        step_loss[0] += loss.detach().double()
         step_loss[1] += 1
         r.tokens += B * T
         r.real_tokens += int((batch["tokens"] != pad_id).sum())
@@ -125,7 +129,7 @@ def train_step(
         )
     # one collective per step: mean loss and whether any rank got a signal
     step_loss[2] = 1.0 if stop_requested() else 0.0
-    agg = all_reduce_(step_loss.to(eng.device)).cpu()
+    agg = all_reduce_(step_loss).cpu()
     r.loss = float(agg[0] / agg[1])
     r.stop_requested = bool(agg[2] > 0)
     return r

@@ -1,0 +1,139 @@
+"""Generation: the same tokens as before sampling moved onto the device (recorded for a fixed
+seed and model), no host sync per token, and a device generator seeded from a host one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loretta.model import Decoder, DecoderConfig
+from loretta.model.generate import SamplingConfig, device_generator, generate
+
+# recorded with the host-sampling generate (commit 83ae77b) for make() below, prompts of
+# lengths 3, 8, 5, 1 and generator seed 123; fixed_steps gave the same tokens
+RECORDED = [
+    (
+        SamplingConfig(
+            max_new_tokens=12, allowed=(40, 60), stop_ids=(2, 45), top_k=10, min_new_tokens=2
+        ),
+        [
+            [50, 59, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            [58, 58, 53, 54, 42, 50, 55, 40, 44, 46, 55, 0],
+            [55, 58, 52, 46, 0, 0, 0, 0, 0, 0, 0, 0],
+            [48, 44, 41, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        ],
+        [2, 11, 4, 3],
+    ),
+    (
+        SamplingConfig(max_new_tokens=9, temperature=0.7),
+        [
+            [1, 30, 13, 84, 54, 20, 2, 18, 95],
+            [25, 71, 68, 31, 78, 21, 62, 25, 11],
+            [88, 64, 47, 89, 8, 43, 79, 16, 79],
+            [1, 75, 41, 78, 52, 31, 63, 19, 10],
+        ],
+        [9, 9, 9, 9],
+    ),
+    (
+        SamplingConfig(max_new_tokens=7, temperature=0.0, allowed=(10, 30)),
+        [
+            [13, 14, 17, 13, 14, 17, 13],
+            [23, 23, 23, 23, 23, 23, 23],
+            [17, 13, 15, 21, 11, 20, 22],
+            [16, 27, 10, 25, 29, 10, 25],
+        ],
+        [7, 7, 7, 7],
+    ),
+]
+
+
+def make() -> Decoder:
+    m = Decoder(DecoderConfig(vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2))
+    m.init_weights(0)
+    return m.eval()
+
+
+def prompts() -> list[torch.Tensor]:
+    return [
+        torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(n)) for n in (3, 8, 5, 1)
+    ]
+
+
+@pytest.mark.parametrize("fixed", [False, True])
+@pytest.mark.parametrize("case", range(len(RECORDED)))
+def test_same_tokens_as_recorded(case: int, fixed: bool) -> None:
+    cfg, out, lens = RECORDED[case]
+    got, got_lens = generate(
+        make(), prompts(), cfg, torch.Generator().manual_seed(123), fixed_steps=fixed
+    )
+    assert got.tolist() == out and got_lens.tolist() == lens
+
+
+def test_no_host_sync_per_token_with_fixed_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bool(tensor), .item() and .cpu() are host syncs on CUDA: none may run per token."""
+    calls = {"n": 0}
+    for name in ("__bool__", "item", "cpu", "tolist"):
+        orig = getattr(torch.Tensor, name)
+
+        def counting(self: torch.Tensor, *a: object, _orig: object = orig, **k: object) -> object:
+            calls["n"] += 1
+            return _orig(self, *a, **k)  # type: ignore[operator]
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    cfg = SamplingConfig(max_new_tokens=40, allowed=(10, 60), stop_ids=(2,), top_k=5)
+    generate(make(), prompts(), cfg, torch.Generator().manual_seed(1), fixed_steps=True)
+    n_fixed = calls["n"]
+    calls["n"] = 0
+    generate(make(), prompts(), cfg, torch.Generator().manual_seed(1), fixed_steps=True)
+    assert calls["n"] == n_fixed and n_fixed < 10  # setup only, independent of the length
+
+
+def test_device_generator() -> None:
+    g = torch.Generator().manual_seed(5)
+    assert device_generator(g, torch.device("cpu")) is g
+    assert device_generator(None, torch.device("cpu")) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_generation_is_seeded_and_in_range() -> None:
+    m = make().cuda()
+    cfg, *_ = RECORDED[0]
+    a, la = generate(m, prompts(), cfg, torch.Generator().manual_seed(7), fixed_steps=True)
+    b, lb = generate(m, prompts(), cfg, torch.Generator().manual_seed(7), fixed_steps=True)
+    assert torch.equal(a, b) and torch.equal(la, lb) and a.is_cuda
+    for row, n in zip(a.cpu(), la.cpu()):
+        assert ((row[:n] >= 40) & (row[:n] < 60)).all()
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_static_cache_gives_the_same_tokens(window: int | None) -> None:
+    m = make()
+    if window is not None:
+        m = Decoder(
+            DecoderConfig(
+                vocab_size=97, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, sliding_window=window
+            )
+        ).eval()
+    for cfg, *_ in RECORDED:
+        a = generate(m, prompts(), cfg, torch.Generator().manual_seed(3), fixed_steps=True)
+        b = generate(
+            m,
+            prompts(),
+            cfg,
+            torch.Generator().manual_seed(3),
+            fixed_steps=True,
+            static_cache=True,
+        )
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_recorded_tokens() -> None:
+    """torch.compile(mode="reduce-overhead") decode steps (CUDA graphs on CUDA; plain compiled
+    code here) over the static cache: the same tokens."""
+    cfg, out, lens = RECORDED[0]
+    got, got_lens = generate(
+        make(), prompts(), cfg, torch.Generator().manual_seed(123), compile_step=True
+    )
+    assert got.tolist() == out and got_lens.tolist() == lens
