@@ -90,8 +90,8 @@ def test_probe_cli_on_a_trained_checkpoint(tmp_path: Path, tiny_data: Path) -> N
 
     from helpers import BIN, REPO, base_env, tiny_overrides, torchrun
 
-    from loretta.config import load_config
     from loretta.checkpoint.load import load_model
+    from loretta.config import load_config
     from loretta.data.synthetic import ensure_synthetic
     from loretta.eval import labelled
 
