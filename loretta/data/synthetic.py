@@ -1,5 +1,10 @@
 """Synthetic class-conditioned multimodal samples, written as real shards.
 
+Generated only where asked: a source whose path is `synthetic:FOLDER` (and that has a
+`synthetic:` block) is written to FOLDER on first use; a plain path is always real data, and a
+missing one is an error even when the source has a `synthetic:` block (a mistyped path must not
+train on generated data). `loretta-shards synth` and slurm/prepare_data.sh generate explicitly.
+
 Each sample has a class c. A modality's tokens follow a class-specific pattern (an arithmetic
 progression starting at a class-dependent id) with 10% of the tokens replaced by noise, so
 a model can learn each modality and the links between modalities of the same sample.
@@ -12,11 +17,43 @@ from pathlib import Path
 
 import numpy as np
 
-from loretta.config import SyntheticConfig
+from loretta.config import SourceConfig, SyntheticConfig
 from loretta.data.format import Manifest, read_manifest
+from loretta.data.remote import is_url
 from loretta.data.shards import Sample, write_dataset
 from loretta.errors import DataError
 from loretta.vocab import VocabLayout
+
+SYNTHETIC_PREFIX = "synthetic:"
+
+
+def synthetic_folder(path: str) -> str | None:
+    """FOLDER of a `synthetic:FOLDER` source path; None for a plain path or URL."""
+    return path[len(SYNTHETIC_PREFIX) :] if path.startswith(SYNTHETIC_PREFIX) else None
+
+
+def source_path(s: SourceConfig, where: str) -> str:
+    """The folder or URL to open for source `s` (`where`: e.g. "data.sources.0"), after writing
+    its synthetic dataset when, and only when, its path is `synthetic:FOLDER`."""
+    folder = synthetic_folder(s.path)
+    if folder is not None:
+        if s.synthetic is None or not folder:
+            raise DataError(
+                f"{where}.path={s.path!r} asks for synthetic data but "
+                + ("names no folder" if not folder else "the source has no synthetic: block")
+                + "; add a synthetic: block and a folder, or drop the 'synthetic:' prefix"
+            )
+        ensure_synthetic(folder, s.synthetic)
+        return folder
+    local = not is_url(s.path)
+    if s.synthetic is not None and local and not (Path(s.path) / "manifest.json").exists():
+        raise DataError(
+            f"{where}.path={s.path!r}: no dataset there (no manifest.json). The source has a "
+            "synthetic: block, but synthetic data is generated only where asked: set "
+            f"{where}.path=synthetic:{s.path} to generate it there, or correct the path if it "
+            "should name real data"
+        )
+    return s.path
 
 
 def synthetic_layout(cfg: SyntheticConfig) -> VocabLayout:
