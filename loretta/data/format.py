@@ -449,7 +449,12 @@ def parse_npy(buf: memoryview | bytes, where: str) -> np.ndarray:
                 raise ValueError("fortran order")
             parsed = (np.dtype(d["descr"]), tuple(d["shape"]))
         except (ValueError, SyntaxError, KeyError, TypeError) as e:
-            raise DataError(f"{where}: corrupt .npy header ({e})") from e
+            raise DataError(f"{where}: corrupt .npy header ({e}); the shard is corrupt") from e
+        if parsed[0].hasobject:
+            raise DataError(
+                f"{where}: object dtype {parsed[0]} refused (it would need unpickling); token "
+                "arrays hold integer ids: re-tokenise the sample"
+            )
         if len(_HEADER_CACHE) < 65536:
             _HEADER_CACHE[header] = parsed
     dtype, shape = parsed
@@ -520,7 +525,7 @@ def scan_shard(
                 if fld == "json":
                     raw.seek(member.offset_data)
                     blob = raw.read(member.size)
-                    rows[key]["__json__"] = (member.offset_data, member.size, zlib.crc32(blob))
+                    rows[key]["__json__"] = (member.offset_data, member.size, member_crc(key, blob))
                     continue
                 if not fld.endswith(".npy"):
                     continue
@@ -537,7 +542,8 @@ def scan_shard(
                 arr = parse_npy(blob, f"{path}: sample {key!r} member {member.name}")
                 if validate:
                     check_ids(arr, layout[mod].size, f"{path}: sample {key!r} {mod}")
-                rows[key][mod] = (member.offset_data, member.size, int(arr.size), zlib.crc32(blob))
+                crc = member_crc(key, blob)
+                rows[key][mod] = (member.offset_data, member.size, int(arr.size), crc)
                 tokens[mod] += int(arr.size)
     except tarfile.TarError as e:
         raise DataError(
@@ -560,11 +566,23 @@ def scan_shard(
     return idx, tokens
 
 
+def member_crc(key: str | bytes, data: bytes | memoryview) -> int:
+    """CRC32 of a member's bytes, seeded with its sample key: an index record that points at
+    another sample's member (or a member moved under another key) fails the check too."""
+    return zlib.crc32(data, zlib.crc32(key.encode() if isinstance(key, str) else key))
+
+
 def check_ids(arr: np.ndarray, size: int, where: str) -> None:
     if arr.ndim != 1:
-        raise DataError(f"{where}: token array has shape {arr.shape}; expected 1-D ids")
+        raise DataError(
+            f"{where}: token array has shape {arr.shape}; expected 1-D ids: re-tokenise the "
+            "sample into one 1-D integer array per modality"
+        )
     if arr.dtype.kind not in "iu":
-        raise DataError(f"{where}: token array has dtype {arr.dtype}; expected integers")
+        raise DataError(
+            f"{where}: token array has dtype {arr.dtype}; expected integers: re-tokenise the "
+            "sample (write ids as uint16/int32)"
+        )
     if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= size):
         raise DataError(
             f"{where}: ids span [{int(arr.min())}, {int(arr.max())}] but the modality has "

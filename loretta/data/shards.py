@@ -21,7 +21,6 @@ import multiprocessing as mp
 import os
 import shutil
 import uuid
-import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -39,6 +38,7 @@ from loretta.data.format import (
     index_dtype,
     index_dtype_v1,
     load_index,
+    member_crc,
     npy_bytes,
     parse_npy,
     progress_bar,
@@ -468,6 +468,7 @@ class ShardDataset:
         view = memoryview(mm)
         out = {}
         names = self.layout.names
+        key = bytes(rec["key"])
         wanted = names if modalities is None else modalities
         for name in wanted:
             j = names.index(name)
@@ -482,7 +483,7 @@ class ShardDataset:
                         f"{len(mm)}; the shard is truncated"
                     )
                 member = view[off : off + nb]
-                if self.verify_samples and zlib.crc32(member) != int(rec["crc"][j]):
+                if self.verify_samples and member_crc(key, member) != int(rec["crc"][j]):
                     raise DataError(
                         f" {name}.npy: bytes differ from their CRC32 in index.npy; the shard "
                         "is corrupt: restore it (check with `loretta-shards verify`)"
@@ -507,7 +508,7 @@ class ShardDataset:
             return {}
         mm = self._shard_map(int(rec["shard"]))
         blob = mm[off : off + nb]
-        if self.verify_samples and zlib.crc32(blob) != int(rec["meta_crc"]):
+        if self.verify_samples and member_crc(bytes(rec["key"]), blob) != int(rec["meta_crc"]):
             raise DataError(
                 f"{self.where(i)}: {self.key(i)}.json differs from its CRC32 in index.npy; the "
                 "shard is corrupt: restore it (check with `loretta-shards verify`)"
