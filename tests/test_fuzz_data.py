@@ -605,3 +605,29 @@ def test_recipes_ask_for_their_synthetic_data() -> None:
     for recipe in ("tiny", "tiny_loretta"):
         for s in load_config(recipe).data.sources:
             assert s.synthetic is not None and s.path.startswith("synthetic:"), (recipe, s.path)
+
+
+# ---- MDS: a flipped byte in a sample is caught by our per-sample CRC ---------------------------
+def test_mds_low_bit_flip_caught(clean: Path, tmp_path: Path, private_tmpdir: Path) -> None:
+    from loretta.data.mds_convert import to_mds
+
+    mds = tmp_path / "mds"
+    to_mds(clean, mds)
+    ds = ShardDataset(str(clean))
+    ids = ds.read(11)["b"].astype(np.uint16).tobytes()  # stored as uint16 in shard 1
+    shard = mds / "shard.00001.mds"
+    data = bytearray(shard.read_bytes())
+    at = data.find(ids)
+    assert at > 0 and data.find(ids, at + 1) < 0
+    data[at + len(ids) - 2] ^= 1  # the low bit of the last id
+    shard.write_bytes(bytes(data))
+    # streaming checks no hashes of local shards (validate_hash needs hashes in index.json and
+    # applies on download), and loretta's sha256 of shards only with verify_checksums
+    mds_ds = open_dataset(mds)
+    with pytest.raises(
+        DataError,
+        match=r"shard\.00001\.mds sample 's0011' b: ids differ from their CRC32 in loretta_index\.npy",
+    ):
+        mds_ds.read(11)
+    for i in (0, 10, 12, 23):
+        mds_ds.read(i)

@@ -566,10 +566,11 @@ def scan_shard(
     return idx, tokens
 
 
-def member_crc(key: str | bytes, data: bytes | memoryview) -> int:
+def member_crc(key: str | bytes, data: bytes | memoryview | np.ndarray) -> int:
     """CRC32 of a member's bytes, seeded with its sample key: an index record that points at
     another sample's member (or a member moved under another key) fails the check too."""
-    return zlib.crc32(data, zlib.crc32(key.encode() if isinstance(key, str) else key))
+    buf = data.data if isinstance(data, np.ndarray) else data  # ndarray: C-contiguous
+    return zlib.crc32(buf, zlib.crc32(key.encode() if isinstance(key, str) else key))
 
 
 def check_ids(arr: np.ndarray, size: int, where: str) -> None:
