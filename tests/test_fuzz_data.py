@@ -631,3 +631,13 @@ def test_mds_low_bit_flip_caught(clean: Path, tmp_path: Path, private_tmpdir: Pa
         mds_ds.read(11)
     for i in (0, 10, 12, 23):
         mds_ds.read(i)
+
+
+def test_synthetic_data_of_an_older_format_is_generated_again(tmp_path: Path) -> None:
+    from loretta.data.synthetic import ensure_synthetic
+
+    ensure_synthetic(tmp_path / "syn", SYN)
+    _edit_manifest(tmp_path / "syn", lambda m: m.__setitem__("version", 1))
+    ensure_synthetic(tmp_path / "syn", SYN)  # same config, older format: written again
+    assert json.loads((tmp_path / "syn" / "manifest.json").read_text())["version"] >= 2
+    assert len(open_dataset(tmp_path / "syn")) == 20
