@@ -21,6 +21,7 @@ import multiprocessing as mp
 import os
 import shutil
 import uuid
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -468,7 +469,10 @@ class ShardDataset:
         view = memoryview(mm)
         out = {}
         names = self.layout.names
-        key = bytes(rec["key"])
+        # the key-seeded CRC32 of each member (format.member_crc), read once per sample
+        seed, crcs = (
+            (zlib.crc32(rec["key"]), rec["crc"].tolist()) if self.verify_samples else (0, [])
+        )
         wanted = names if modalities is None else modalities
         for name in wanted:
             j = names.index(name)
@@ -483,7 +487,7 @@ class ShardDataset:
                         f"{len(mm)}; the shard is truncated"
                     )
                 member = view[off : off + nb]
-                if self.verify_samples and member_crc(key, member) != int(rec["crc"][j]):
+                if self.verify_samples and zlib.crc32(member, seed) != crcs[j]:
                     raise DataError(
                         f" {name}.npy: bytes differ from their CRC32 in index.npy; the shard "
                         "is corrupt: restore it (check with `loretta-shards verify`)"
