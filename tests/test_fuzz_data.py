@@ -641,3 +641,43 @@ def test_synthetic_data_of_an_older_format_is_generated_again(tmp_path: Path) ->
     ensure_synthetic(tmp_path / "syn", SYN)  # same config, older format: written again
     assert json.loads((tmp_path / "syn" / "manifest.json").read_text())["version"] >= 2
     assert len(open_dataset(tmp_path / "syn")) == 20
+
+
+def test_random_byte_flips_anywhere_never_yield_wrong_samples(clean: Path, tmp_path: Path) -> None:
+    """300 seeded flips of one random bit anywhere in the dataset's files (shards, index,
+    manifest): opening refuses the dataset, or every sample reads back exactly or raises a
+    DataError, never silently different data and never another exception."""
+    good = ShardDataset(str(clean))
+    want = [({k: v.copy() for k, v in good.read(i).items()}, good.meta(i)) for i in range(N)]
+    files = sorted(p.name for p in clean.iterdir())
+    originals = {f: (clean / f).read_bytes() for f in files}
+    bad = tmp_path / "bad"
+    shutil.copytree(clean, bad)
+    rng = np.random.default_rng(2026)
+    outcomes = {"refused": 0, "caught": 0, "harmless": 0}
+    for _ in range(300):
+        name = files[int(rng.integers(len(files)))]
+        data = bytearray(originals[name])
+        data[int(rng.integers(len(data)))] ^= 1 << int(rng.integers(8))
+        (bad / name).write_bytes(bytes(data))
+        try:
+            ds = open_dataset(bad)
+        except DataError:
+            outcomes["refused"] += 1
+        else:
+            caught = False
+            for i in range(N):
+                try:
+                    arrays, meta = ds.read(i), ds.meta(i)
+                except DataError:
+                    caught = True
+                    continue
+                assert meta == want[i][1], (name, i)
+                assert arrays.keys() == want[i][0].keys(), (name, i)
+                for k, v in arrays.items():
+                    assert np.array_equal(v, want[i][0][k]), (name, i, k)
+            outcomes["caught" if caught else "harmless"] += 1  # harmless: a tar header byte
+            ds.close()
+        (bad / name).write_bytes(originals[name])
+    # most bytes of a tar of small samples are headers and padding, which the reader never uses
+    assert outcomes["refused"] > 50 and outcomes["caught"] > 10, outcomes
