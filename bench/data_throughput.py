@@ -8,13 +8,18 @@ over the same samples, in one process (no DataLoader workers: the figures are pe
 ours:       build_loader(cfg, rank=0, world=1): mmap'd tar -> .npy decode -> sequence building
             -> token-weighted mixing -> packing into rows of --seq-len (one epoch of tokens)
 ours_mds:   the same loader over the MDS copy (MdsDataset: StreamingDataset.get_item)
+ours_unverified: "ours" with the per-member CRC32 check off (ShardDataset.verify_samples=False),
+            alternated with "ours" in this process: "integrity_cost" = 1 - ours/ours_unverified
+            (medians of --integrity-repeat runs each, by wall clock; "integrity_cost_cpu" by
+            CPU time)
 webdataset: wds.WebDataset(tars).decode() and, separately, np.load of each .npy member
 streaming:  StreamingDataset(local=<to_mds copy>, batch_size=--streaming-batch) iterated once
 
 Tokens are sample tokens (the sum of the arrays' sizes; for ours, of the documents placed in
 rows). The dataset is generated once into --work and reused. Each reader runs --repeat times
 (best kept), timed by wall clock and by this process's CPU time (steadier on a shared machine).
-Last line: one JSON object with "tokens_per_s" (ours, wall clock), "ratio_vs_webdataset" (vs the
+Last line: one JSON object with "integrity_cost", "tokens_per_s" (ours, wall clock),
+"ratio_vs_webdataset" (vs the
 faster webdataset variant), "ratio_vs_streaming", the same ratios by CPU time, and raw numbers.
 """
 
@@ -33,13 +38,15 @@ from typing import Any
 import numpy as np
 
 
-def build_data(work: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
+def build_data(work: Path, n: int, seed: int = 0, mds: bool = True) -> tuple[Path, Path]:
     """~1,000 tokens per sample over two modalities, as webdataset tars and as MDS."""
+    from loretta.data.format import VERSION
     from loretta.data.mds_convert import to_mds
     from loretta.data.shards import write_dataset
     from loretta.vocab import VocabLayout
 
-    wds_dir, mds_dir = work / f"wds-{n}", work / f"mds-{n}"
+    # the format version in the name: an older dataset there is not reused
+    wds_dir, mds_dir = work / f"wds-{n}-v{VERSION}", work / f"mds-{n}-v{VERSION}"
     layout = VocabLayout.build({"image": 8192, "text": 32000})
     if not (wds_dir / "manifest.json").exists():
         rng = np.random.default_rng(seed)
@@ -54,7 +61,7 @@ def build_data(work: Path, n: int, seed: int = 0) -> tuple[Path, Path]:
                 }
 
         write_dataset(samples(), wds_dir, layout, samples_per_shard=2000, overwrite=True)
-    if not (mds_dir / "manifest.json").exists():
+    if mds and not (mds_dir / "manifest.json").exists():
         to_mds(wds_dir, mds_dir, overwrite=True)
     return wds_dir, mds_dir
 
@@ -85,13 +92,15 @@ def measure(fn: Callable[[], int], repeat: int) -> dict[str, Any]:
     }
 
 
-def run_ours(wds_dir: Path, total: int, seq_len: int, batch: int) -> int:
+def run_ours(wds_dir: Path, total: int, seq_len: int, batch: int, verify: bool = True) -> int:
     from loretta.config import SourceConfig, load_config
     from loretta.data.loader import build_loader
 
     cfg = load_config("tiny", [f"--data.seq_len={seq_len}", f"--data.micro_batch_size={batch}"])
     cfg.data.sources = [SourceConfig(name="bench", path=str(wds_dir))]
     loader, stream = build_loader(cfg, rank=0, world=1)
+    if not verify:  # the per-member CRC32 check, on by default (only the bench turns it off)
+        stream.datasets[0].verify_samples = False
     lengths = stream.datasets[0].lengths.sum(axis=1)
     tokens = 0
     for b in loader:
@@ -138,15 +147,20 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="runs per reader (the best is kept)")
     ap.add_argument("--profile", default="", help="write a cProfile of our loader here")
     ap.add_argument("--tiny", action="store_true", help="300 samples, rows of 512 (tests)")
+    ap.add_argument(
+        "--integrity-repeat", type=int, default=6, help="runs of ours with checks on / off each"
+    )
+    ap.add_argument("--integrity-only", action="store_true", help="measure only the integrity cost")
     args = ap.parse_args()
     if args.tiny:
         args.samples, args.seq_len, args.batch, args.streaming_batch = 300, 512, 4, 8
+        args.integrity_repeat = 1
     # streaming's file locks and shared memory names live under the temp dir: keep them here
     os.makedirs(os.path.join(args.work, "tmp"), exist_ok=True)
     tempfile.tempdir = os.path.join(args.work, "tmp")
 
-    wds_dir, mds_dir = build_data(Path(args.work), args.samples)
-    for d in (wds_dir, mds_dir):
+    wds_dir, mds_dir = build_data(Path(args.work), args.samples, mds=not args.integrity_only)
+    for d in (wds_dir,) if args.integrity_only else (wds_dir, mds_dir):
         warm(d)
     from loretta.data.shards import ShardDataset
 
@@ -160,6 +174,37 @@ def main() -> None:
         import cProfile
 
         cProfile.runctx("ours()", globals(), {"ours": ours}, args.profile)
+    # checks on and off alternated (ABBA order), so both see the same load on a shared
+    # machine; the cost compares medians, which one stalled run does not move
+    on, off = [], []
+    for k in range(args.integrity_repeat):
+        for verify in (True, False) if k % 2 == 0 else (False, True):
+            r = measure(lambda v=verify: run_ours(wds_dir, total, args.seq_len, args.batch, v), 1)
+            (on if verify else off).append(r)
+
+    def median(runs: list[dict[str, Any]], key: str) -> float:
+        return float(np.median([r[key] for r in runs]))
+
+    best_on = max(on, key=lambda r: r["tokens_per_s"])
+    res["ours_unverified"] = max(off, key=lambda r: r["tokens_per_s"])
+    res["integrity_cost"] = round(1 - median(on, "tokens_per_s") / median(off, "tokens_per_s"), 4)
+    res["integrity_cost_cpu"] = round(
+        1 - median(on, "tokens_per_cpu_s") / median(off, "tokens_per_cpu_s"), 4
+    )
+    res["integrity_runs_tokens_per_s"] = {
+        "on": [r["tokens_per_s"] for r in on],
+        "off": [r["tokens_per_s"] for r in off],
+    }
+    print(
+        f"integrity checks: median {median(on, 'tokens_per_s') / 1e6:.2f}M tokens/s on, "
+        f"{median(off, 'tokens_per_s') / 1e6:.2f}M off: cost {res['integrity_cost']:.1%} wall, "
+        f"{res['integrity_cost_cpu']:.1%} CPU",
+        flush=True,
+    )
+    if args.integrity_only:
+        res.update(ours=best_on, cpu_count=os.cpu_count(), load_avg_1m=os.getloadavg()[0])
+        print(json.dumps(res))
+        return
     for name, fn in (
         ("ours", ours),
         ("ours_mds", lambda: run_ours(mds_dir, total, args.seq_len, args.batch)),

@@ -57,7 +57,7 @@ step transitive_generation_cuda $py bench/transitive_generation.py --device cuda
 run=/tmp/gpu-mfu-run
 rm -rf "$run"
 step pretrain_mfu $py -m torch.distributed.run --nproc_per_node=1 --master_port=29731 \
-  -m loretta.pretrain --config tiny --run.run_dir="$run" --data.sources.0.path=/tmp/gpu-mfu-data \
+  -m loretta.pretrain --config tiny --run.run_dir="$run" --data.sources.0.path=synthetic:/tmp/gpu-mfu-data \
   --run.device=cuda --run.precision=bf16 --run.steps=40 --model.dim=2048 --model.n_layers=8 \
   --model.n_heads=16 --model.n_kv_heads=8 --data.seq_len=2048 --data.micro_batch_size=8 \
   --data.num_workers=2 --optim.lr=3e-4 --optim.warmup_steps=5 --logging.interval=10 \

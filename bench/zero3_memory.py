@@ -68,7 +68,7 @@ def main() -> None:
         f"--model.n_kv_heads={args.heads // 2}",
         "--data.seq_len=64",
         "--data.micro_batch_size=2",
-        f"--data.sources.0.path={tmp / 'data'}",
+        f"--data.sources.0.path=synthetic:{tmp / 'data'}",
         f"--run.run_dir={tmp / 'run'}",
     ]
     if args.tiny:  # the data only feeds prepare(): a few shards are enough

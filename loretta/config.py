@@ -50,8 +50,9 @@ class SynthModality:
 
 @dataclass
 class SyntheticConfig:
-    """A generated dataset written as real shards when the source path has none (smoke tests,
-    the quickstart). Samples are class-conditioned token patterns, so a model can learn them."""
+    """A generated dataset written as real shards (smoke tests, the quickstart), only where the
+    source path asks for it: `path: synthetic:FOLDER` (a plain path is always real data).
+    Samples are class-conditioned token patterns, so a model can learn them."""
 
     samples: int = 2000
     classes: int = 10
@@ -65,7 +66,8 @@ class SyntheticConfig:
 @dataclass
 class SourceConfig:
     name: str = ""
-    path: str = ""  # dataset folder or URL holding manifest.json (webdataset tars or MDS)
+    path: str = ""  # dataset folder or URL holding manifest.json (webdataset tars or MDS), or
+    # synthetic:FOLDER to generate the source's synthetic: dataset there on first use
     weight: float = 1.0  # share of training *tokens*
     modalities: list[str] = field(default_factory=list)  # [] = every modality a sample has
     synthetic: SyntheticConfig | None = None

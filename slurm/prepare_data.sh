@@ -33,8 +33,8 @@ import sys
 from pathlib import Path
 
 from loretta.config import load_config
-from loretta.data.shards import open_dataset
-from loretta.data.synthetic import ensure_synthetic
+from loretta.data.sources import open_dataset
+from loretta.data.synthetic import ensure_synthetic, synthetic_folder
 from loretta.errors import LorettaError
 
 config, task, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
@@ -49,11 +49,12 @@ try:
                 f"submit with --array=0-{len(sources) - 1}"
             )
         s = sources[i]
+        path = synthetic_folder(s.path) or s.path  # this script generates explicitly
         if s.synthetic is not None:
-            ensure_synthetic(s.path, s.synthetic)
+            ensure_synthetic(path, s.synthetic)
         cache = cfg.data.cache_dir or str(cfg.run.path / "cache")
-        ds = open_dataset(s.path, cache, verify_checksums=True)
-        print(f"[prepare_data.sh] data.sources.{i} ({s.name}): {s.path}: {len(ds)} samples, "
+        ds = open_dataset(path, cache, verify_checksums=True)
+        print(f"[prepare_data.sh] data.sources.{i} ({s.name}): {path}: {len(ds)} samples, "
               f"modalities {ds.modality_names}, checksums OK", flush=True)
 except LorettaError as e:
     sys.exit(f"[prepare_data.sh] error: {e}")

@@ -54,7 +54,7 @@ def tiny_overrides(tmp: Path, steps: int = 30, data: Path | None = None, **more:
     o = {
         "run.run_dir": str(tmp / "run"),
         "run.steps": steps,
-        "data.sources.0.path": str(data or (tmp / "data")),
+        "data.sources.0.path": str(data) if data else f"synthetic:{tmp / 'data'}",
         "logging.interval": 1,
         "logging.wandb": "disabled",
         "logging.progress": "never",

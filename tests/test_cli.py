@@ -46,6 +46,15 @@ def test_missing_data_fails_before_process_group(tmp_path: Path) -> None:
     assert f"dataset folder '{tmp_path / 'nowhere'}' does not exist" in res.stderr
 
 
+def test_mistyped_path_never_generates_synthetic_data(tmp_path: Path) -> None:
+    # the recipe's source has a synthetic: block, but a plain path is real data only
+    res = run(["--config", "tiny", f"--data.sources.0.path={tmp_path / 'typo'}"])
+    assert res.returncode == 2, res.stderr
+    assert f"data.sources.0.path={str(tmp_path / 'typo')!r}: no dataset there" in res.stderr
+    assert f"data.sources.0.path=synthetic:{tmp_path / 'typo'}" in res.stderr  # the fix
+    assert "Traceback" not in res.stderr and not (tmp_path / "typo").exists()
+
+
 def test_dry_run(tmp_path: Path, tiny_data: Path) -> None:
     res = run(["--config", "tiny", "--dry-run", *tiny_overrides(tmp_path, data=tiny_data)])
     assert res.returncode == 0, res.stdout + res.stderr

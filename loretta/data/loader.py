@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -201,7 +200,7 @@ class RowWriter:
 
     def write(self, rows: list[list[DocPlan]]) -> dict[str, Any]:
         out = self.empty(len(rows))
-        docs, gen_docs = [], []
+        docs, gen_docs, bad = [], [], []
         for r, row in enumerate(rows):
             view = {k: v[r] for k, v in out.items()}
             pos = 0
@@ -227,12 +226,18 @@ class RowWriter:
                                 if b.gen_from >= 0:
                                     own[b.gen_from] = self.control_prompt(ds, plan, b.gen_from)
                         gen_docs.append((r, pos, d, plan, own))
+                    docs.append((r, plan.source, plan.sample, plan.epoch))
                 except DataError:
                     if self.on_error == "raise":
                         raise
-                    self.read_errors += 1  # leave the document's slice as padding
-                    view["doc_ids"][pos : pos + plan.length] = d
-                docs.append((r, plan.source, plan.sample, plan.epoch))
+                    # skip policy: the document's slice is padding again, whatever was written
+                    # of it, and it is counted, not listed among the documents trained on
+                    self.read_errors += 1
+                    span = slice(pos, pos + plan.length)
+                    for k, v in self.empty(1).items():
+                        view[k][span] = v[0, : plan.length]
+                    view["doc_ids"][span] = d
+                    bad.append((r, plan.source, plan.sample, plan.epoch))
                 pos += plan.length
             if pos < self.builder.seq_len:  # padding is its own document
                 view["doc_ids"][pos:] = len(row)
@@ -241,19 +246,19 @@ class RowWriter:
         batch["docs"] = np.asarray(docs, dtype=np.int64).reshape(
             -1, 4
         )  # row, source, sample, epoch
+        batch["skipped_docs"] = np.asarray(bad, dtype=np.int64).reshape(-1, 4)
         batch["gen_docs"] = gen_docs  # (row, start, doc index, plan, {modality: local ids})
         return batch
 
 
 def open_sources(cfg: DataConfig, seed: int) -> tuple[list[Any], VocabLayout]:
-    """Open every source (creating synthetic ones when missing); check they share one layout."""
-    from loretta.data.synthetic import ensure_synthetic
+    """Open every source (writing the synthetic ones whose path is `synthetic:FOLDER` on first
+    use); check they share one layout."""
+    from loretta.data.synthetic import source_path
 
     datasets, layout = [], None
     for i, s in enumerate(cfg.sources):
-        if s.synthetic is not None and not (Path(s.path) / "manifest.json").exists():
-            ensure_synthetic(s.path, s.synthetic)
-        ds = open_dataset(s.path, cfg.cache_dir, cfg.verify_checksums)
+        ds = open_dataset(source_path(s, f"data.sources.{i}"), cfg.cache_dir, cfg.verify_checksums)
         if layout is None:
             layout = ds.layout
         else:

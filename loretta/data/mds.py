@@ -60,6 +60,7 @@ from loretta.data.format import (
     check_ids,
     file_lock,
     load_index,
+    member_crc,
     read_manifest,
     sha256_file,
     token_dtype,
@@ -82,8 +83,21 @@ def mds_index_dtype(n_modalities: int) -> np.dtype:
             ("shard", np.int32),  # MDS shard (position in index.json)
             ("key", f"S{KEY_BYTES}"),
             ("length", np.int32, (n_modalities,)),  # tokens; 0 = modality absent
+            ("crc", np.uint32, (n_modalities,)),  # member_crc(key, ids as stored) per modality
         ]
     )
+
+
+def mds_index_dtype_v1(n_modalities: int) -> np.dtype:
+    """loretta_index.npy before per-sample checksums: recognised to be refused."""
+    return np.dtype([d for d in mds_index_dtype(n_modalities).descr if d[0] != "crc"])
+
+
+def ids_crc(key: str | bytes, arr: np.ndarray) -> int:
+    """The per-sample check of an MDS modality column: a CRC32 of the ids' bytes as stored
+    (seeded with the key). streaming itself checks shard hashes only when index.json lists
+    them and only on download (`validate_hash`), so this is what catches a flipped byte."""
+    return member_crc(key, np.ascontiguousarray(arr))
 
 
 def mds_columns(layout: VocabLayout) -> dict[str, str]:
@@ -227,10 +241,14 @@ class MdsDataset:
     """
 
     def __init__(
-        self, path: str, cache_dir: str | Path = "", verify_checksums: bool = False
+        self,
+        path: str,
+        cache_dir: str | Path = "",
+        verify_checksums: bool = False,
+        verify_samples: bool = True,
     ) -> None:
         self.path = str(path)
-        self.verify_checksums = verify_checksums
+        self.verify_checksums, self.verify_samples = verify_checksums, verify_samples
         self.remote: str | None = None
         if is_url(self.path):
             self.remote = streaming_remote(self.path)
@@ -267,9 +285,10 @@ class MdsDataset:
 
     # ---- checks --------------------------------------------------------------------------------
     def _load_index(self) -> None:
-        dtype = mds_index_dtype(len(self.layout.names))
-        fix = self._fix
-        self.index = load_index(self.local / MDS_INDEX, dtype, self.manifest, self.path, fix)
+        M = len(self.layout.names)
+        old = (mds_index_dtype_v1(M),)
+        path, fix = self.local / MDS_INDEX, self._fix
+        self.index = load_index(path, mds_index_dtype(M), self.manifest, self.path, fix, old)
 
     def _check_streaming_index(self) -> None:
         p = self.local / "index.json"
@@ -402,6 +421,7 @@ class MdsDataset:
         """Local-id arrays of sample `i` (modalities it lacks are left out)."""
         s = self.sample(i) if sample is None else sample
         want = self.lengths[i].tolist()
+        key, crcs = bytes(self.index[i]["key"]), self.index[i]["crc"]
         got = s.get("lengths")
         out = {}
         try:  # messages name the file and sample; formatted only when there is one
@@ -425,6 +445,11 @@ class MdsDataset:
                     raise DataError(
                         f" {name}: array of shape {shape}, but the index says {n} tokens; the "
                         f"shard is corrupt: rebuild with {self._fix}"
+                    )
+                if self.verify_samples and ids_crc(key, arr) != int(crcs[j]):
+                    raise DataError(
+                        f" {name}: ids differ from their CRC32 in {MDS_INDEX}; the shard is "
+                        f"corrupt: restore it or rebuild with {self._fix}"
                     )
                 check_ids(arr, self._sizes[j], f" {name}")
                 out[name] = arr

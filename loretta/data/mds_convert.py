@@ -38,6 +38,7 @@ from loretta.data.mds import (
     MDS_INDEX,
     SHARD_LIMIT,
     MdsDataset,
+    ids_crc,
     local_streaming,
     mds_columns,
     mds_index_dtype,
@@ -76,6 +77,18 @@ def _open_source(src: str, cache_dir: str) -> None:
 def _write_part_in_worker(part: Part) -> list[dict[str, Any]]:
     assert _SOURCE is not None, "pool initializer did not run"
     return _write_part(_SOURCE, part)
+
+
+def _source_crcs(ds: ShardDataset) -> np.ndarray:
+    """ids_crc of every sample's modalities as `_mds_record` stores them: (n, M)."""
+    out = np.zeros(ds.lengths.shape, np.uint32)
+    dts = [token_dtype(m.size) for m in ds.layout.modalities]
+    for i in range(len(ds)):
+        key = bytes(ds.index[i]["key"])
+        for name, a in ds.read(i).items():
+            j = ds.layout.names.index(name)
+            out[i, j] = ids_crc(key, a.astype(dts[j], copy=False))
+    return out
 
 
 def _write_part(ds: ShardDataset, part: Part) -> list[dict[str, Any]]:
@@ -178,6 +191,7 @@ def to_mds(
         index["shard"] = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
         index["key"] = ds.index["key"]
         index["length"] = ds.lengths
+        index["crc"] = _source_crcs(ds)
         atomic_write_bytes(tmp / MDS_INDEX, npy_bytes(index))
         starts = np.concatenate([[0], np.cumsum(counts)])
         infos = []
@@ -277,11 +291,11 @@ def adopt_mds(
     bar = progress_bar(progress, "samples")
     try:
         for i in range(len(index)):
-            key, lengths = _adopt_sample(sd, i, columns, layout, f"{folder} sample {i}")
+            key, lengths, crcs = _adopt_sample(sd, i, columns, layout, f"{folder} sample {i}")
             if key in seen:
                 raise DataError(f"{folder} sample {i}: key {key!r} appears twice; keys are unique")
             seen.add(key)
-            index[i]["key"], index[i]["length"] = key.encode(), lengths
+            index[i]["key"], index[i]["length"], index[i]["crc"] = key.encode(), lengths, crcs
             if bar is not None:
                 bar.update(1)
     finally:
@@ -342,8 +356,9 @@ def _adoptable_columns(
 
 def _adopt_sample(
     sd: Any, i: int, columns: dict[str, str], layout: VocabLayout, where: str
-) -> tuple[str, list[int]]:
-    """(key, tokens per modality) of sample i, every array checked against the layout."""
+) -> tuple[str, list[int], list[int]]:
+    """(key, tokens per modality, ids_crc per modality) of sample i, every array checked
+    against the layout."""
     try:
         s = sd.get_item(i)
     except Exception as e:
@@ -363,10 +378,11 @@ def _adopt_sample(
                 f"{where}: lengths {given} has {len(given)} entries; the layout has "
                 f"{len(layout.names)} modalities {layout.names}"
             )
-    lengths = []
+    lengths, crcs = [], []
     for j, m in enumerate(layout.modalities):
         if m.name not in columns or (given is not None and given[j] == 0):
             lengths.append(0)  # absent (or to_mds's placeholder)
+            crcs.append(0)
             continue
         arr = s[m.name]
         check_ids(np.asarray(arr), m.size, f"{where} ({key!r}) {m.name}")
@@ -380,6 +396,7 @@ def _adopt_sample(
                 f"{m.fixed_length}; fix the data or the layout"
             )
         lengths.append(int(arr.size))
+        crcs.append(ids_crc(key, arr))
     if not any(lengths):
         raise DataError(f"{where} ({key!r}): no tokens in any modality of the layout")
-    return key, lengths
+    return key, lengths, crcs

@@ -21,6 +21,7 @@ import multiprocessing as mp
 import os
 import shutil
 import uuid
+import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -36,7 +37,9 @@ from loretta.data.format import (
     atomic_write_json,
     check_ids,
     index_dtype,
+    index_dtype_v1,
     load_index,
+    member_crc,
     npy_bytes,
     parse_npy,
     progress_bar,
@@ -348,7 +351,11 @@ class ShardDataset:
         cache_dir: str | Path = "",
         verify_checksums: bool = False,
         max_open: int = 64,
+        verify_samples: bool = True,
     ) -> None:
+        """`verify_checksums`: also check each shard's sha256 when it is first opened.
+        `verify_samples` (default on; off only to measure its cost): check every member read
+        against its CRC32 in the index."""
         self.path = path
         self.remote = is_url(path)
         self.local = cache_folder(path, cache_dir)
@@ -364,7 +371,7 @@ class ShardDataset:
                 f"({FORMAT!r}); open it with loretta.data.sources.open_dataset"
             )
         self.layout = self.manifest.layout
-        self.verify_checksums = verify_checksums
+        self.verify_checksums, self.verify_samples = verify_checksums, verify_samples
         self._check_index()
         self.lengths = np.ascontiguousarray(self.index["length"])  # (n, M) tokens per modality
         self.shard_counts = [s.samples for s in self.manifest.shards]
@@ -384,8 +391,24 @@ class ShardDataset:
 
     def _check_index(self) -> None:
         fix = f"`loretta-shards index {self.path}`"
-        dtype = index_dtype(len(self.layout.names))
-        self.index = load_index(self.local / "index.npy", dtype, self.manifest, self.path, fix)
+        M = len(self.layout.names)
+        path = self.local / "index.npy"
+        old = (index_dtype_v1(M),)
+        self.index = load_index(path, index_dtype(M), self.manifest, self.path, fix, old)
+        # every member the index points at lies inside its shard (sizes from the manifest)
+        size = np.array([s.bytes for s in self.manifest.shards], np.int64)[self.index["shard"]]
+        off, nb, n = self.index["offset"], self.index["nbytes"], self.index["length"]
+        bad = (n > 0) & ((nb <= 0) | (off < 0) | (off + nb > size[:, None]))
+        m_off, m_nb = self.index["meta_offset"], self.index["meta_nbytes"]
+        bad_meta = (m_nb < 0) | ((m_nb > 0) & ((m_off < 0) | (m_off + m_nb > size)))
+        bad_row = bad.any(axis=1) | bad_meta
+        if bad_row.any():
+            k = int(np.flatnonzero(bad_row)[0])
+            raise DataError(
+                f"{path}: record {k} ({self.key(k)!r}) points outside its shard "
+                f"{self.manifest.shards[int(self.index['shard'][k])].name} (offsets "
+                f"{off[k].tolist()}, sizes {nb[k].tolist()}); rebuild it with {fix}"
+            )
 
     def _check_shard_files(self) -> None:
         for s in self.manifest.shards:
@@ -446,6 +469,10 @@ class ShardDataset:
         view = memoryview(mm)
         out = {}
         names = self.layout.names
+        # the key-seeded CRC32 of each member (format.member_crc), read once per sample
+        seed, crcs = (
+            (zlib.crc32(rec["key"]), rec["crc"].tolist()) if self.verify_samples else (0, [])
+        )
         wanted = names if modalities is None else modalities
         for name in wanted:
             j = names.index(name)
@@ -459,7 +486,13 @@ class ShardDataset:
                         f": member {name}.npy needs bytes up to {off + nb} but the shard has "
                         f"{len(mm)}; the shard is truncated"
                     )
-                arr = parse_npy(view[off : off + nb], f" {name}.npy")
+                member = view[off : off + nb]
+                if self.verify_samples and zlib.crc32(member, seed) != crcs[j]:
+                    raise DataError(
+                        f" {name}.npy: bytes differ from their CRC32 in index.npy; the shard "
+                        "is corrupt: restore it (check with `loretta-shards verify`)"
+                    )
+                arr = parse_npy(member, f" {name}.npy")
                 if arr.size != n:
                     raise DataError(
                         f" {name}.npy: {arr.size} tokens but the index says {n}; the "
@@ -478,8 +511,14 @@ class ShardDataset:
         if off < 0 or nb == 0:
             return {}
         mm = self._shard_map(int(rec["shard"]))
+        blob = mm[off : off + nb]
+        if self.verify_samples and member_crc(bytes(rec["key"]), blob) != int(rec["meta_crc"]):
+            raise DataError(
+                f"{self.where(i)}: {self.key(i)}.json differs from its CRC32 in index.npy; the "
+                "shard is corrupt: restore it (check with `loretta-shards verify`)"
+            )
         try:
-            return dict(json.loads(mm[off : off + nb]))
+            return dict(json.loads(blob))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise DataError(f"{self.where(i)}: corrupt {self.key(i)}.json ({e})") from e
 
