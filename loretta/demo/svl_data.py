@@ -64,7 +64,7 @@ from loretta.vocab import VocabLayout
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = 3  # bump when a code change alters the data a config produces
+BUILDER_VERSION = 4  # bump when a code change alters the data a config produces
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 MODALITIES = ("image", "speech", "text")  # layout order
 SPLIT_MODALITIES: dict[str, tuple[str, ...]] = {
