@@ -46,7 +46,9 @@ class LinkingMonitor:
                 [f"monitor: modalities {unknown} are not in the data's layout {layout.names}"]
             )
         self.items, self.labels = labelled(m.data, mods, label_key=m.label_key)
-        self.queries = _balanced(self.labels, m.items_per_class, set(), seed=0)
+        # at most half of each class are queries: the rest hold the gallery and fit classifiers
+        half = max(1, int(np.bincount(self.labels).min()) // 2)
+        self.queries = _balanced(self.labels, min(m.items_per_class, half), set(), seed=0)
         self.gallery = _balanced(self.labels, m.gallery_per_class, set(self.queries.tolist()), 1)
         rest = np.setdiff1d(np.arange(len(self.labels)), self.queries)
         self.classifiers = {
