@@ -82,7 +82,7 @@ run1b=/tmp/gpu-1b-run
 rm -rf "$run1b"
 step pretrain_mfu_1b $py -m torch.distributed.run --nproc_per_node=1 --master_port=29732 \
   -m loretta.pretrain --config llama_1b --run.run_dir="$run1b" \
-  --data.sources.0.path=/tmp/gpu-1b-data --run.device=cuda --run.steps=${STEPS_1B:-40} \
+  --data.sources.0.path=synthetic:/tmp/gpu-1b-data --run.device=cuda --run.steps=${STEPS_1B:-40} \
   --optim.warmup_steps=5 --logging.interval=10 --logging.wandb=disabled \
   --logging.progress=never --checkpoint.interval=0 --checkpoint.save_final=false
 [[ -f $run1b/metrics.jsonl ]] && cp "$run1b/metrics.jsonl" "$out/pretrain_mfu_1b_metrics.jsonl"
@@ -95,6 +95,14 @@ step demo_smoke $py -m loretta.demo.pipeline --preset smoke --out "$demo" \
   --data "${SVL_DATA:-data/svl-digits}" --logging.wandb=disabled
 for f in summary.md metrics.json; do [[ -f $demo/report/$f ]] && cp "$demo/report/$f" "$out/demo_$f"; done
 [[ -f $demo/loretta-seed0/metrics.jsonl ]] && grep -m1 '"event": "start"' "$demo/loretta-seed0/metrics.jsonl"
+
+# the demo's GPU preset: every method and control over three fresh seeds on the test split
+# (about an hour of one H100/H200, so only when asked: STEPS=demo_gpu bash bench/gpu_check.sh)
+if [[ " $steps " == *" demo_gpu "* ]]; then
+  step demo_gpu $py bench/demo.py --preset gpu --out /tmp/gpu-demo-full \
+    --data "${SVL_DATA:-data/svl-digits}" --logging.wandb=disabled
+  [[ -f /tmp/gpu-demo-full/report/summary.md ]] && cp /tmp/gpu-demo-full/report/summary.md "$out/demo_gpu_summary.md"
+fi
 
 echo "done: logs in $out/ (fail=$fail)"
 # last line: the figures of this check as one JSON object (null where a step did not run)
