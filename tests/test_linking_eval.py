@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from loretta.demo import pipeline
+from loretta.demo import scoring
 from loretta.demo.svl_data import build_svl_digits, svl_config
 from loretta.model import Decoder
 from loretta.model.config import DecoderConfig
@@ -58,12 +58,11 @@ def test_untrained_models_score_chance_on_every_zero_shot_score(
     from loretta.data.sources import open_dataset
 
     layout = open_dataset(str(svl["val"])).layout
-    preset = pipeline.Preset("tiny", SVL, "svl_digits", 1, 5, 20, 0, [], [])
-    ev = pipeline.load_eval_data(svl, "val", preset)
+    ev = scoring.load_eval_data(svl, "val", 5)
     scores: dict[str, list[float]] = {}
     for seed in range(3):  # three random models: 900 query outcomes per score
-        res = pipeline.evaluate_model(untrained(layout, seed), layout, svl, ev, 20, (1.0, 0))
-        for a, b in pipeline.MISSING:
+        res = scoring.evaluate_model(untrained(layout, seed), layout, svl, ev, 20, (1.0, 0))
+        for a, b in scoring.MISSING:
             for kind in ("retrieval", "generation"):
                 k = f"{kind}/{a}->{b}"
                 scores.setdefault(k, []).append(res["acc"][k])
@@ -108,15 +107,14 @@ def test_selection_on_validation_never_reads_test(svl: dict[str, Path], tmp_path
         if k != "test":
             shutil.copytree(v, data[k])
     layout = open_dataset(str(data["val"])).layout
-    preset = pipeline.Preset("tiny", SVL, "svl_digits", 1, 2, 10, 0, [], [])
-    ev = pipeline.load_eval_data(data, "val", preset)
-    res = pipeline.evaluate_model(untrained(layout, 0), layout, data, ev, 10, (1.0, 1))
+    ev = scoring.load_eval_data(data, "val", 2)
+    res = scoring.evaluate_model(untrained(layout, 0), layout, data, ev, 10, (1.0, 1))
     assert set(res["items"]) == {
-        f"{k}/{a}->{b}" for k in ("retrieval", "generation") for a, b in pipeline.MISSING
+        f"{k}/{a}->{b}" for k in ("retrieval", "generation") for a, b in scoring.MISSING
     }
     assert all(len(v) == len(ev.labels) for v in res["items"].values())  # every item scored
     with pytest.raises(Exception, match="test"):
-        pipeline.load_eval_data(data, "test", preset)
+        scoring.load_eval_data(data, "test", 2)
 
 
 def test_negative_control_prompts_come_from_another_class(tmp_path: Path) -> None:

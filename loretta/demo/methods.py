@@ -1,0 +1,40 @@
+"""The demo's methods: what each trains, and which branch from the commutative trunk."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+FIXED_ORDER = "--data.sequence.fixed_order=[image,text,speech]"
+
+
+@dataclass(frozen=True)
+class Method:
+    overrides: tuple[str, ...] = ()
+    branch: bool = False  # starts from the commutative run's checkpoint at the transitive start
+    ceiling: bool = False  # trains on the (vision, speech) pairs too
+    decoding: tuple[float, int] | None = None  # (temperature, top_k); None: the recipe's
+
+
+METHODS: dict[str, Method] = {
+    "gpt": Method(("--data.sequence.order=fixed", FIXED_ORDER, "--objective.links=[]")),
+    "commutative": Method(("--objective.links=[]",)),
+    "loretta": Method(branch=True),
+    "loretta_faithful": Method(
+        ("--objective.generation.temperature=1.0", "--objective.generation.top_k=0"),
+        branch=True,
+        decoding=(1.0, 0),
+    ),
+    "loretta_greedy": Method(
+        ("--objective.generation.temperature=1.0", "--objective.generation.top_k=1"),
+        branch=True,
+        decoding=(1.0, 1),
+    ),
+    "loretta_t05": Method(
+        ("--objective.generation.temperature=0.5", "--objective.generation.top_k=0"),
+        branch=True,
+        decoding=(0.5, 0),
+    ),
+    "control": Method(("--objective.control=other_class",), branch=True),
+    "ceiling": Method(("--objective.links=[]",), ceiling=True),
+}
+TRUNK = "commutative"
