@@ -49,7 +49,8 @@ step pytest_gpu $py -m pytest -m gpu -q -p no:cacheprovider tests/test_model.py 
 step model_step_cuda $py bench/model_step.py --device cuda --dtype bfloat16 --dim 2048 \
   --layers 8 --heads 16 --kv-heads 8 --vocab 32000 --batch 8 --seq 2048 --iters 10
 
-# ZeRO-3 generation inside training on the GPU: gathered-once KV-cached vs hook-driven naive
+# ZeRO-3 generation inside training on the GPU: naive, hooks + KV cache, gathered once + KV cache,
+# host-sampled (before) and compiled decode, timed alike (median of repeats)
 step transitive_generation_cuda $py bench/transitive_generation.py --device cuda --dim 1024 \
   --layers 8 --prompts 64 --new 196 --steps 4 --compile-decode
 
