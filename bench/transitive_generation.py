@@ -249,10 +249,15 @@ def main() -> None:
                 "ratio": round(r["once_kv_tokens_per_s"] / r["hooks_kv_tokens_per_s"], 2),
                 "ratio_vs_naive": round(r["once_kv_tokens_per_s"] / r["naive_tokens_per_s"], 2),
                 "gen_share": round(r["generation_share"], 4),
+                "generation_share": round(r["generation_share"], 4),  # gpu_summary's name
                 **{
                     f"{path}_tokens_per_s": round(r[f"{path}_tokens_per_s"], 1)
-                    for path in ("naive", "hooks_kv", "once_kv")
+                    for path in ("naive", "hooks_kv", "once_kv", "host_kv")
                 },
+                # before (host sampling) / after (on the device) / compiled decode, for the GPU check
+                "host_tokens_per_s": round(r["host_tokens_per_s"], 1),
+                "ours_tokens_per_s": round(r["ours_tokens_per_s"], 1),
+                "compiled_tokens_per_s": r["compiled_tokens_per_s"],
                 "repeats": a.repeats,
                 "statistic": "median",
                 "world_size": nproc,
