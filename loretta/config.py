@@ -283,6 +283,9 @@ class CheckpointConfig:
     resume: str = "none"  # none | auto (latest complete in the run dir) | a checkpoint path
     save_final: bool = True
     init_from: str = ""  # warm start: consolidated safetensors or Hugging Face folder (see convert)
+    # before resuming: 'full' checks every file's size and CRC-32 against manifest.json (reads
+    # the checkpoint once, at disk speed); 'size' checks presence and sizes only
+    verify: Literal["full", "size"] = "full"
 
     def problems(self, p: str = "checkpoint") -> list[str]:
         out = []

@@ -158,7 +158,6 @@ def run(
     step, tokens_seen, loader_state, wandb_id = 0, 0, None, None
     if p.resume_dir is not None and p.resume_state is not None:
         eng.load(p.resume_dir, universal=p.universal)
-        ckpt.load_rng(p.resume_dir, rank, world)
         step = int(p.resume_state["step"])
         tokens_seen = int(p.resume_state.get("tokens_seen", 0))
         loader_state = p.resume_state.get("loader_state")
@@ -166,6 +165,8 @@ def run(
     objective = objective or p.objective
     loader, _ = build_loader(cfg, rank, world, loader_state, objective.planner_factory())
     data = iter(loader)
+    if p.resume_dir is not None:  # after iter(loader), which draws a seed from torch's RNG
+        ckpt.load_rng(p.resume_dir, rank, world)
 
     if dry_run:
         return _dry_run(cfg, eng, data, objective, rank)
