@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from loretta.config import TrainConfig
+from loretta.config import TrainConfig, available_memory, memory_problems
 from loretta.configlib import to_dict
 from loretta.data.loader import build_loader, open_sources
 from loretta.data.sequences import IGNORE, direction_names
@@ -66,6 +66,13 @@ def select_device(cfg: TrainConfig, info: DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
+def check_memory(cfg: TrainConfig, device: torch.device, info: DistInfo) -> None:
+    avail, source = available_memory(device.type, info.local_world_size)
+    problems = memory_problems(cfg, info.world_size, avail, source)
+    if problems:
+        raise ConfigError(problems)
+
+
 def finalize_model_config(cfg: TrainConfig, layout_size: int) -> None:
     if cfg.model.vocab_size == 0:
         cfg.model.vocab_size = 64 * math.ceil(layout_size / 64)
@@ -99,6 +106,7 @@ def prepare(cfg: TrainConfig, info: DistInfo) -> Prepared:
         raise ConfigError(["run.precision='fp16' needs a GPU; use 'bf16' or 'fp32' on the CPU"])
     _, layout = open_sources(cfg.data, cfg.run.seed)
     finalize_model_config(cfg, layout.size)
+    check_memory(cfg, device, info)  # a size that cannot fit fails now, with the numbers
     resume_dir = ckpt.resolve_resume(cfg)
     state = ckpt.check_compatible(resume_dir, cfg, layout) if resume_dir else None
     if cfg.checkpoint.init_from and resume_dir is None:  # a bad export fails here, early
