@@ -26,6 +26,7 @@ from loretta.dist import DistInfo
 from loretta.dsconfig import resolve_ds_config
 from loretta.errors import ConfigError
 from loretta.train import checkpoint as ckpt
+from loretta.train import runlock
 from loretta.train.faults import (
     EXIT_OK,
     EXIT_PREEMPTED,
@@ -138,6 +139,8 @@ def run(
     objective: Any = None,
     signals: SignalFlag | None = None,
 ) -> int:
+    _lock = runlock.hold_run_dir(cfg.run.path, info.rank)  # one job per run folder (rank 0)
+    runlock.start_orphan_guard(info.launcher)  # no worker outlives its launcher
     p = prepare(cfg, info)
     from loretta import engine as E  # deepspeed is imported only now, after every check
 
@@ -173,8 +176,6 @@ def run(
     objective = objective or p.objective
     loader, _ = build_loader(cfg, rank, world, loader_state, objective.planner_factory())
     data = iter(loader)
-    if p.resume_dir is not None:  # after iter(loader), which draws a seed from torch's RNG
-        ckpt.load_rng(p.resume_dir, rank, world)
 
     if dry_run:
         return _dry_run(cfg, eng, data, objective, rank)
@@ -255,6 +256,8 @@ def run(
         logger.event(at_step, "checkpoint", path=str(ckpt.step_dir(root, at_step)))
         watchdog.pause(False)
 
+    if p.resume_dir is not None:  # last before step 1: set-up above draws from the RNGs
+        ckpt.load_rng(p.resume_dir, rank, world)
     try:
         eng.train()
         while step < cfg.run.steps:
