@@ -22,11 +22,11 @@ def fake_checkpoint(root: Path, step: int, world: int = 2) -> Path:
     """A checkpoint folder shaped like save_checkpoint's, with made-up DeepSpeed files."""
     tmp = root / f".step_{step:08d}.tmp"
     (tmp / "rng").mkdir(parents=True)
-    (tmp / "ds" / "ds").mkdir(parents=True)
+    (tmp / "ds").mkdir(parents=True)
     for r in range(world):
         blob = torch.arange(4096 + r, dtype=torch.uint8).numpy().tobytes() * 8
-        (tmp / "ds" / "ds" / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(blob)
-        (tmp / "ds" / "ds" / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt").write_bytes(blob[:99])
+        (tmp / "ds" / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(blob)
+        (tmp / "ds" / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt").write_bytes(blob[:99])
         ckpt.save_rng(tmp / "rng" / f"rank_{r:05d}.safetensors")
     cfg = load_config("tiny")
     (tmp / "config.yaml").write_text(cfg.to_yaml())
@@ -45,7 +45,7 @@ def cfg_for(run: Path, resume: str = "auto") -> object:
     return load_config("tiny", [f"--run.run_dir={run}", f"--checkpoint.resume={resume}"])
 
 
-OPT = "ds/ds/zero_pp_rank_1_mp_rank_00_optim_states.pt"
+OPT = "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt"
 
 
 def flip_byte(f: Path, at: int = 1000) -> None:
@@ -64,8 +64,8 @@ DAMAGE = {
         f"{OPT}: truncated: 500 bytes",
     ),
     "deleted rank file": (
-        lambda d: (d / "ds/ds/zero_pp_rank_0_mp_rank_00_model_states.pt").unlink(),
-        "ds/ds/zero_pp_rank_0_mp_rank_00_model_states.pt: missing",
+        lambda d: (d / "ds/zero_pp_rank_0_mp_rank_00_model_states.pt").unlink(),
+        "ds/zero_pp_rank_0_mp_rank_00_model_states.pt: missing",
     ),
     "deleted RNG file": (
         lambda d: (d / "rng" / "rank_00001.safetensors").unlink(),
@@ -77,8 +77,8 @@ DAMAGE = {
         "manifest.json: missing",
     ),
     "file slipped in": (
-        lambda d: (d / "ds/ds/zero_pp_rank_2_mp_rank_00_optim_states.pt").write_bytes(b"x"),
-        "ds/ds/zero_pp_rank_2_mp_rank_00_optim_states.pt: not in the manifest",
+        lambda d: (d / "ds/zero_pp_rank_2_mp_rank_00_optim_states.pt").write_bytes(b"x"),
+        "ds/zero_pp_rank_2_mp_rank_00_optim_states.pt: not in the manifest",
     ),
 }
 

@@ -222,7 +222,7 @@ def test_damaged_newest_checkpoint_falls_back_and_resumes_bitwise(
     shutil.copytree(dropout_reference, run)
     reference = losses(dropout_reference)
     newest = run / "checkpoints" / f"step_{DROP_STEPS:08d}"
-    opt = sorted(newest.glob("ds/ds/*optim_states.pt"))[-1]
+    opt = sorted(newest.glob("ds/*optim_states.pt"))[-1]
     data = bytearray(opt.read_bytes())
     data[len(data) // 2] ^= 0x40  # one flipped bit in the middle of the optimizer state
     opt.write_bytes(bytes(data))
