@@ -24,9 +24,11 @@ def fake_checkpoint(root: Path, step: int, world: int = 2) -> Path:
     (tmp / "rng").mkdir(parents=True)
     (tmp / "ds").mkdir(parents=True)
     for r in range(world):
-        blob = torch.arange(4096 + r, dtype=torch.uint8).numpy().tobytes() * 8
-        (tmp / "ds" / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt").write_bytes(blob)
-        (tmp / "ds" / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt").write_bytes(blob[:99])
+        state = {"exp_avg": torch.arange(8192.0 + r), "step": torch.tensor(3)}
+        torch.save(state, tmp / "ds" / f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+        torch.save(
+            {"w": torch.ones(7)}, tmp / "ds" / f"zero_pp_rank_{r}_mp_rank_00_model_states.pt"
+        )
         ckpt.save_rng(tmp / "rng" / f"rank_{r:05d}.safetensors")
     cfg = load_config("tiny")
     (tmp / "config.yaml").write_text(cfg.to_yaml())
@@ -181,3 +183,23 @@ def test_rng_roundtrip_is_exact(tmp_path: Path) -> None:
     ckpt.set_rng_state(ckpt.read_rng(tmp_path / "r.safetensors"))
     b = (random.random(), np.random.rand(), np.random.randn(), torch.rand(4))
     assert a[:3] == b[:3] and torch.equal(a[3], b[3])
+
+
+def test_a_deepspeed_file_whose_pickle_would_run_code_is_refused(tmp_path: Path) -> None:
+    marker = Path(__file__).parent / ".pwned"
+    marker.unlink(missing_ok=True)
+    root = tmp_path / "run" / "checkpoints"
+    old = fake_checkpoint(root, 5)
+    new = fake_checkpoint(root, 10)
+    torch.save({"exp_avg": torch.ones(3), "x": Hostile()}, new / OPT)
+    integrity.write_manifest(new)  # whoever planted it can write a matching manifest
+    (problem,) = ckpt.check_folder(new)
+    assert problem.startswith(f"{OPT}: its pickle references ") and "pathlib.Path" in problem
+    assert ckpt.resolve_resume(cfg_for(tmp_path / "run")) == old
+    assert not marker.exists()
+
+
+def test_pickle_scan_resolves_every_protocol() -> None:
+    for proto in (0, 2, 4, 5):
+        found = integrity.pickle_globals(pickle.dumps({"h": Hostile()}, protocol=proto))
+        assert "pathlib" in {m for m, _ in found}, (proto, found)

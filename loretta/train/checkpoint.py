@@ -98,6 +98,9 @@ def check_folder(folder: Path, full: bool = True) -> list[str]:
         problems = integrity.verify(folder, full=full)
         if problems:
             return problems
+    problems = integrity.check_pickles(folder)  # DeepSpeed unpickles ds/*.pt: no code in them
+    if problems:
+        return problems
     if state is None:
         return ["state.json: missing"]
     if not isinstance(state, dict) or not state.get("complete"):

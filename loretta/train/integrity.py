@@ -143,3 +143,98 @@ def _crc_or_none(path: Path) -> int | None:
 def total_bytes(folder: Path) -> int:
     m, _ = read_manifest(folder)
     return sum(int(e["size"]) for e in m["files"].values()) if m else 0
+
+
+# ---- pickles DeepSpeed will load ---------------------------------------------------------------
+# DeepSpeed reads its own checkpoint files with torch.load(weights_only=False), which runs any
+# callable a pickle names. Before it does, every .pt file's pickle is read as opcodes (nothing
+# is executed) and each global it references must be one of these: torch's tensor rebuilders,
+# storages, dtypes and sizes, plain containers, and DeepSpeed's own config enums.
+SAFE_GLOBALS = {
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "slice"),
+    ("torch", "Size"),
+    ("torch", "device"),
+    ("torch", "Tensor"),
+    ("torch.nn.parameter", "Parameter"),
+    ("torch._utils", "_rebuild_tensor"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch._tensor", "_rebuild_from_type_v2"),  # calls only globals that are checked too
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+}
+_TORCH_DTYPES = {
+    "float32", "float", "float16", "half", "bfloat16", "float64", "double", "int64", "long",
+    "int32", "int", "int16", "int8", "uint8", "bool",
+}  # fmt: skip
+
+
+def _global_ok(module: str, name: str) -> bool:
+    if (module, name) in SAFE_GLOBALS:
+        return True
+    return module == "torch" and (name.endswith("Storage") or name in _TORCH_DTYPES)
+
+
+def pickle_globals(data: bytes) -> list[tuple[str, str]]:
+    """Every (module, name) a pickle would import, read from its opcodes without running it.
+    A STACK_GLOBAL whose two names are not the two values pushed just before it (the way
+    pickle writes them) comes back as ('?', '?'): unresolved, hence refused."""
+    import pickletools
+
+    found: list[tuple[str, str]] = []
+    pushed: list[str | None] = []  # per value-pushing opcode: the string, or None
+    memo: dict[int, str | None] = {}
+    for op, arg, _ in pickletools.genops(data):
+        name = op.name
+        if name in ("GLOBAL", "INST"):
+            mod, _, attr = str(arg).partition(" ")
+            found.append((mod, attr))
+            pushed.append(None)
+        elif name == "STACK_GLOBAL":
+            a, b = (pushed[-2], pushed[-1]) if len(pushed) >= 2 else (None, None)
+            found.append((a, b) if a is not None and b is not None else ("?", "?"))
+            pushed.append(None)
+        elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+            memo[int(str(arg))] = pushed[-1] if pushed else None
+        elif name == "MEMOIZE":
+            memo[len(memo)] = pushed[-1] if pushed else None
+        elif name in ("GET", "BINGET", "LONG_BINGET"):
+            pushed.append(memo.get(int(str(arg))))
+        elif isinstance(arg, str) and ("UNICODE" in name or "STRING" in name):
+            pushed.append(arg)
+        else:
+            pushed.append(None)
+    return found
+
+
+def unsafe_pickle_globals(path: Path) -> list[str]:
+    """Globals in a torch file (zip or legacy pickle) that loading it would call or import."""
+    import zipfile
+
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                blobs = [z.read(n) for n in z.namelist() if n.endswith(".pkl")]
+        else:
+            blobs = [path.read_bytes()]
+        refs = [g for b in blobs for g in pickle_globals(b)]
+    except Exception as e:  # a pickle we cannot even read as opcodes is not loaded either
+        return [f"unreadable pickle ({type(e).__name__}: {e})"]
+    return sorted({f"{m}.{n}" for m, n in refs if not _global_ok(m, n)})
+
+
+def check_pickles(folder: Path) -> list[str]:
+    problems = []
+    for rel in list_files(folder):
+        if rel.endswith((".pt", ".pth", ".bin", ".pkl")):
+            bad = unsafe_pickle_globals(folder / rel)
+            if bad:
+                problems.append(
+                    f"{rel}: its pickle references {', '.join(bad[:5])}, which loading would "
+                    "run; refusing to load it"
+                )
+    return problems
