@@ -458,18 +458,23 @@ def _build(data: dict[str, Any], where: str, problems: list[str]) -> TrainConfig
 
 
 def memory_estimate(cfg: TrainConfig, world: int) -> dict[str, int]:
-    """Bytes one rank needs at the least for one micro step (a floor, not a forecast):
-    logits B*T*V in fp32 three times (the logits, their fp32 copy in the loss, the gradient),
-    the activations each layer keeps for backward, and ZeRO-3's share of weights + Adam state
-    (16 bytes a parameter over the ranks) plus one full fp32 copy of the largest gathered layer
-    set. The model's vocab_size must be final (not 0)."""
+    """Bytes one rank needs at the least for one micro step (a floor, not a forecast): the
+    logits B*T*V twice in fp32 (the loss's fp32 logits and their gradient), the activations
+    kept for backward (each layer's input only, plus one layer's, with activation
+    checkpointing), and ZeRO-3's share of weights + Adam state (16 bytes a parameter over the
+    ranks). The model's vocab_size must be final (not 0)."""
     m, d = cfg.model, cfg.data
     rows = d.micro_batch_size * d.seq_len
-    n_params = m.num_params()
+    act = 4 if cfg.run.precision == "fp32" else 2
+    per_layer = rows * (6 * m.dim + 2 * m.hidden_dim) * act
+    if cfg.engine.activation_checkpointing:
+        acts = rows * m.dim * act * m.n_layers + per_layer
+    else:
+        acts = per_layer * m.n_layers
     return {
-        "logits": 3 * 4 * rows * m.vocab_size,
-        "activations": 4 * rows * m.n_layers * (6 * m.dim + 2 * m.hidden_dim),
-        "states": 16 * n_params // max(1, world),
+        "logits": 2 * 4 * rows * m.vocab_size,
+        "activations": acts,
+        "states": 16 * m.num_params() // max(1, world),
     }
 
 
@@ -502,7 +507,7 @@ def memory_problems(cfg: TrainConfig, world: int, available: int, source: str) -
     return [
         f"data.seq_len={d.seq_len} x data.micro_batch_size={d.micro_batch_size} does not fit: "
         f"one micro step needs at least {need / gb:.1f} GiB per rank (logits "
-        f"{d.micro_batch_size}x{d.seq_len}x{m.vocab_size} fp32 x3 = {est['logits'] / gb:.1f} "
+        f"{d.micro_batch_size}x{d.seq_len}x{m.vocab_size} fp32 x2 = {est['logits'] / gb:.1f} "
         f"GiB, activations {est['activations'] / gb:.1f} GiB, weights + optimizer "
         f"{est['states'] / gb:.1f} GiB) but {available / gb:.1f} GiB is available ({source}); "
         "lower data.seq_len or data.micro_batch_size (use optim.grad_accum_steps for a larger "

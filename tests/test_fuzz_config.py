@@ -155,9 +155,24 @@ def test_a_size_that_cannot_fit_is_refused_with_the_numbers() -> None:
     cfg.model.vocab_size = 32000
     (msg,) = memory_problems(cfg, 2, 80 * 2**30, "GPU memory")
     assert msg.startswith("data.seq_len=1048576 x data.micro_batch_size=64 does not fit")
-    assert "logits 64x1048576x32000 fp32 x3 = 24000.0 GiB" in msg
+    assert "logits 64x1048576x32000 fp32 x2 = 16000.0 GiB" in msg
     assert "but 80.0 GiB is available (GPU memory)" in msg
     assert "lower data.seq_len or data.micro_batch_size" in msg
     tiny = load_config("tiny")
     tiny.model.vocab_size = 192
     assert memory_problems(tiny, 2, 1 * 2**30, "RAM") == []
+    # a 7B-class Llama at 8 x 4096 in bf16 with activation checkpointing fits an 80 GiB GPU
+    big = load_config(
+        "tiny",
+        [
+            "--model.dim=4096",
+            "--model.n_layers=32",
+            "--model.n_heads=32",
+            "--model.n_kv_heads=8",
+            "--data.seq_len=4096",
+            "--run.precision=bf16",
+            "--engine.activation_checkpointing=true",
+        ],
+    )
+    big.model.vocab_size = 32000
+    assert memory_problems(big, 8, 80 * 2**30, "GPU memory") == []

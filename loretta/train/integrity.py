@@ -45,12 +45,13 @@ def _workers() -> int:
     return max(4, min(16, 2 * (os.cpu_count() or 1)))
 
 
-def list_files(folder: Path) -> list[str]:
+def list_files(folder: Path, derived: bool = False) -> list[str]:
+    """Files under `folder` but the manifest (and the derived universal/ unless `derived`)."""
     out = []
     for dirpath, _, names in os.walk(folder):
         for n in names:
             rel = os.path.relpath(os.path.join(dirpath, n), folder).replace(os.sep, "/")
-            if rel != MANIFEST and not rel.startswith(DERIVED):
+            if rel != MANIFEST and (derived or not rel.startswith(DERIVED)):
                 out.append(rel)
     return sorted(out)
 
@@ -229,7 +230,7 @@ def unsafe_pickle_globals(path: Path) -> list[str]:
 
 def check_pickles(folder: Path) -> list[str]:
     problems = []
-    for rel in list_files(folder):
+    for rel in list_files(folder, derived=True):  # universal/ too: DeepSpeed unpickles it
         if rel.endswith((".pt", ".pth", ".bin", ".pkl")):
             bad = unsafe_pickle_globals(folder / rel)
             if bad:
