@@ -203,3 +203,17 @@ def test_pickle_scan_resolves_every_protocol() -> None:
     for proto in (0, 2, 4, 5):
         found = integrity.pickle_globals(pickle.dumps({"h": Hostile()}, protocol=proto))
         assert "pathlib" in {m for m, _ in found}, (proto, found)
+
+
+def test_a_checkpoint_from_before_manifests(tmp_path: Path) -> None:
+    """Format 1: no manifest, RNG pickled with torch.save (numpy's state is an ndarray)."""
+    d = fake_checkpoint(tmp_path, 5, world=1)
+    (d / "manifest.json").unlink()
+    state = json.loads((d / "state.json").read_text())
+    (d / "state.json").write_text(json.dumps(dict(state, version=1)))
+    (d / "rng" / "rank_00000.safetensors").unlink()
+    torch.save({"torch": torch.get_rng_state()}, d / "rng" / "rank_00000.pt")
+    assert ckpt.check_folder(d) == []  # structural checks only, and the RNG reads safely
+    torch.save(ckpt.rng_state(), d / "rng" / "rank_00000.pt")
+    (problem,) = ckpt.check_folder(d)
+    assert "rank_00000.pt: an RNG file in the old pickle format" in problem
