@@ -153,6 +153,11 @@ class ObjectiveConfig:
     transitive_start: float = 0.0
     loss_on_generated: bool = False  # train on the model's own samples too (default: no)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    # negative control: 'other_class' generates each pseudo-modality from the prompt modality of
+    # a sample of another class (its metadata's `control_label_key` differs). Same documents and
+    # compute as LoReTTa, no cross-modal information: any gain it shows is not linking.
+    control: Literal["none", "other_class"] = "none"
+    control_label_key: str = "label"
 
     def problems(self, sources: list[str], p: str = "objective") -> list[str]:
         out = []
@@ -168,6 +173,13 @@ class ObjectiveConfig:
                 f"{p}.transitive_prob + all_modalities_prob = "
                 f"{self.transitive_prob + self.all_modalities_prob}: must not exceed 1"
             )
+        if self.control != "none" and not self.links:
+            out.append(
+                f"{p}.control={self.control!r} needs objective.links (it changes how transitive "
+                "documents are generated); remove it or add links"
+            )
+        if self.control != "none" and not self.control_label_key:
+            out.append(f"{p}.control_label_key: empty; name the metadata key holding the class")
         g = self.generation
         if not 0 <= g.temperature <= 100:
             out.append(
@@ -375,6 +387,38 @@ class LoggingConfig:
 
 
 @dataclass
+class MonitorConfig:
+    """Live linking monitor: every `interval` steps, on a held-out split, zero-shot retrieval for
+    each of `retrieval` (e.g. both directions of the missing pair) and how much class information
+    the generator's samples carry for each of `generation` (e.g. text -> image), logged as
+    `monitor/...` metrics to metrics.jsonl and wandb. Costs a few forward passes per interval."""
+
+    interval: int = 0  # 0 = off
+    data: str = ""  # held-out dataset whose samples hold the modalities and a label in metadata
+    label_key: str = "label"
+    retrieval: list[list[str]] = field(default_factory=list)  # [[source, target], ...]
+    generation: list[list[str]] = field(default_factory=list)  # [[source, target], ...]
+    items_per_class: int = 10  # queries per class
+    gallery_per_class: int = 3  # held-out items per class the queries are scored against
+
+    def problems(self, p: str = "monitor") -> list[str]:
+        out = []
+        if self.interval < 0:
+            out.append(f"{p}.interval={self.interval}: must be >= 0 (0 = off)")
+        if self.interval > 0 and not self.data:
+            out.append(f"{p}.data: empty; point it at a held-out dataset (e.g. a val split)")
+        if self.interval > 0 and not (self.retrieval or self.generation):
+            out.append(f"{p}: interval > 0 but no retrieval or generation pairs to monitor")
+        for name, pairs in (("retrieval", self.retrieval), ("generation", self.generation)):
+            for i, pair in enumerate(pairs):
+                if len(pair) != 2 or pair[0] == pair[1]:
+                    out.append(f"{p}.{name}.{i}={pair}: need [source, target], two modalities")
+        if self.items_per_class < 1 or self.gallery_per_class < 1:
+            out.append(f"{p}: items_per_class and gallery_per_class must be >= 1")
+        return out
+
+
+@dataclass
 class FaultConfig:
     nan_policy: Literal["skip", "stop"] = "skip"  # on a non-finite loss or grad norm
     max_nan_skips: int = 10  # skip policy: stop after this many skipped steps
@@ -405,6 +449,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def problems(self) -> list[str]:
         out = self.run.problems() + self.model.problems() + self.data.problems()
@@ -412,6 +457,7 @@ class TrainConfig:
         out += self.logging.problems() + self.faults.problems()
         out += self.objective.problems([s.name for s in self.data.sources])
         out += model_bounds(self.model)
+        out += self.monitor.problems()
         if not 0.0 <= self.data.sequence.shuffle_prob <= 1.0:
             out.append(
                 f"data.sequence.shuffle_prob={self.data.sequence.shuffle_prob}: must be in [0, 1]"

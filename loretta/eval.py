@@ -42,13 +42,16 @@ def conditional_logprob(
     targets: Sequence[Part],
     batch_size: int = 32,
     normalize: bool = True,
+    forward: Any = None,
 ) -> np.ndarray:
     """scores[i, k] = log p(target_k | cond_i), summed (or averaged, with normalize) over the
-    target's content tokens.
+    target's content tokens. `forward` replaces model(...) (e.g. the engine's gathered forward
+    under ZeRO-3, which runs no collective per call).
 
     Each condition's prefix `[bos] <a> A <c>` runs once; its KV cache is then shared by a
     batch of targets, so the cost is N prefixes + N*K targets, not N*K full documents."""
     model.eval()
+    fwd = forward or model
     dev = model.tok_embeddings.weight.device
     dtype = model.tok_embeddings.weight.dtype
     by_mod: dict[str, list[int]] = {}
@@ -62,7 +65,7 @@ def conditional_logprob(
             prefix = torch.from_numpy(encode(layout, [cond], open_=name))[None].to(dev)
             P = prefix.shape[1]
             pcache = KVCache.empty(model.cfg, 1, P, dev, dtype)
-            first = F.log_softmax(model(prefix, cache=pcache)[0, -1].float(), -1).cpu()
+            first = F.log_softmax(fwd(prefix, cache=pcache)[0, -1].float(), -1).cpu()
             for lo in range(0, len(ks), batch_size):
                 chunk = tgts[lo : lo + batch_size]
                 ids, lens = _pad(chunk, layout.pad_id)
@@ -72,7 +75,7 @@ def conditional_logprob(
                 cache.v[:, :, :P] = pcache.v[:, :, :P]
                 cache.length = P
                 pos = torch.arange(P, P + T, device=dev).expand(n, T)
-                logp = F.log_softmax(model(ids.to(dev), pos, cache=cache).float(), -1).cpu()
+                logp = F.log_softmax(fwd(ids.to(dev), pos, cache=cache).float(), -1).cpu()
                 for j, (row, L) in enumerate(zip(logp, lens.tolist())):
                     tok = ids[j, :L]
                     lp = first[tok[0]].item() + row[: L - 1].gather(1, tok[1:, None]).sum().item()
@@ -118,6 +121,39 @@ def zero_shot(
         lp = lp - unconditional_logprob(model, layout, flat)[None, :]
     scores = np.stack([lp[:, owner == c].mean(1) for c in classes], 1)
     return np.asarray(classes)[scores.argmax(1)], scores
+
+
+def retrieval(
+    model: Decoder,
+    layout: VocabLayout,
+    queries: Sequence[Part],
+    query_labels: np.ndarray,
+    gallery: Sequence[Part],
+    gallery_labels: np.ndarray,
+    exclude: Sequence[int] | None = None,
+    batch_size: int = 32,
+    forward: Any = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Zero-shot retrieval against held-out gallery items: each query is labelled with the class
+    whose gallery items are, on average, most likely given it.
+
+    score[i, j] = log p(gallery_j | query_i) - mean over queries i' of log p(gallery_j | query_i')
+    (per-token log-likelihoods). Centring each gallery item over the queries removes whatever
+    makes an item likely whatever the input (its prior, its length, a model's bias for it), so a
+    model that knows nothing of the classes scores chance on balanced queries; a plain
+    likelihood, or a PMI against a separately estimated prior, does not guarantee that.
+    `exclude[i]` is a gallery index left out of query i's scores (its own aligned item), or -1.
+    Returns (predicted labels, per-query correctness as 0/1 floats)."""
+    lp = conditional_logprob(model, layout, queries, gallery, batch_size, forward=forward)
+    lp = lp - lp.mean(0, keepdims=True)
+    if exclude is not None:
+        for i, j in enumerate(exclude):
+            if j >= 0:
+                lp[i, j] = np.nan
+    classes = np.unique(gallery_labels)
+    scores = np.stack([np.nanmean(lp[:, gallery_labels == c], 1) for c in classes], 1)
+    pred = classes[scores.argmax(1)]
+    return pred, (pred == np.asarray(query_labels)).astype(np.float64)
 
 
 @torch.no_grad()
@@ -198,6 +234,7 @@ def generate_modality(
     temperature: float = 1.0,
     top_k: int | None = None,
     max_tokens: int | None = None,
+    forward: Any = None,
 ) -> list[np.ndarray]:
     """Sample `target` (local ids) given each condition: [bos] <a> A <target> -> ..."""
     m = layout[target]
@@ -214,7 +251,9 @@ def generate_modality(
         top_k=top_k,
         pad_id=layout.pad_id,
     )
-    out, lens = generate(model, prompts, sc, torch.Generator().manual_seed(seed))
+    out, lens = generate(
+        model, prompts, sc, torch.Generator().manual_seed(seed), use_cache=True, forward=forward
+    )
     return [row[: int(k)].cpu().numpy() - m.offset for row, k in zip(out, lens)]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -17,12 +18,15 @@ from loretta.demo.svl_data import SvlDigits, build_svl_digits, item_id, svl_conf
 from loretta.errors import ConfigError, DataError
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--pairs_per_class=12", "--test_per_class=6"]  # = the tiny preset, spelled out
+TINY = ["--pairs_per_class=12", "--test_per_class=6", "--val_per_class=6"]  # = the tiny preset
 
 
 def read_split(root: Path, split: str) -> list[tuple[dict[str, np.ndarray], dict]]:
     ds = ShardDataset(str(root / split))
-    out = [({k: v.copy() for k, v in ds.read(i).items()}, ds.meta(i)) for i in range(len(ds))]
+    out = [
+        ({k: v.copy() for k, v in ds.read(i).items()}, dict(ds.meta(i), key=ds.key(i)))
+        for i in range(len(ds))
+    ]
     ds.close()
     return out
 
@@ -30,14 +34,14 @@ def read_split(root: Path, split: str) -> list[tuple[dict[str, np.ndarray], dict
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("svl") / "svl-tiny"
-    paths = build_svl_digits(out, svl_config("tiny"), workers=2)
+    paths = build_svl_digits(out, svl_config("tiny", {"missing_pair": True}), workers=2)
     assert paths.built
     return out
 
 
 @pytest.fixture(scope="module")
 def splits(built: Path) -> dict[str, list[tuple[dict[str, np.ndarray], dict]]]:
-    return {s: read_split(built, s) for s in ("vl", "ls", "test")}
+    return {s: read_split(built, s) for s in ("vl", "ls", "vs", "val", "test")}
 
 
 def test_training_pair_sets_hold_only_their_pair(splits: dict) -> None:
@@ -57,20 +61,31 @@ def test_pair_sets_and_test_share_no_item(splits: dict) -> None:
         for split, samples in splits.items()
     }
     for m in ("image", "speech", "text"):
-        for a, b in (("vl", "ls"), ("vl", "test"), ("ls", "test")):
+        for a, b in itertools.combinations(["vl", "ls", "vs", "val", "test"], 2):
             shared = items[a][m] & items[b][m]
             assert not shared, f"{m} items in both {a} and {b}: {sorted(shared)[:5]}"
+    # and no key is shared: selection code addressing val items can never reach a test item
+    keys = {
+        split: {meta_key(built_split) for built_split in samples}
+        for split, samples in splits.items()
+    }
+    for a, b in itertools.combinations(keys, 2):
+        assert not keys[a] & keys[b], (a, b)
     # every sample has its own items (sizes are small enough that nothing is reused)
     for split, samples in splits.items():
         for m in samples[0][0]:
             assert len({item_id(meta, m) for _, meta in samples}) == len(samples), (split, m)
 
 
+def meta_key(sample: tuple[dict[str, np.ndarray], dict]) -> str:
+    return str(sample[1]["key"])
+
+
 def test_test_set_is_aligned_by_label(splits: dict) -> None:
     mnist_test = vision.load_mnist()["test"]
     english = texts.number_words("en")
     pools = texts.text_pools(svl_config("tiny").text_languages)
-    for arrays, meta in splits["test"]:
+    for arrays, meta in splits["test"] + splits["val"]:
         assert set(arrays) == {"image", "speech", "text"}
         c = meta["label"]
         # each modality's underlying item really is of class c

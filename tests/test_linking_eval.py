@@ -1,0 +1,180 @@
+"""The demo's evidence machinery: scores that a model knowing nothing cannot pass, selection
+that never reads the test split, the negative control, and the statistics."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from loretta.demo import pipeline
+from loretta.demo.svl_data import build_svl_digits, svl_config
+from loretta.model import Decoder
+from loretta.model.config import DecoderConfig
+from loretta.stats import chance_band, fmt_mean_std, mean_std, paired_bootstrap
+
+# a validation split large enough for a tight chance band (30 per class = 300 items)
+SVL = {
+    "pairs_per_class": 30,
+    "test_per_class": 6,
+    "val_per_class": 30,
+    "text_vocab_size": 300,
+    "image_side": 7,
+    "image_levels": 4,
+    "speech_frames": 8,
+    "speech_coeffs": 6,
+    "speech_levels": 8,
+    "text_languages": ["en", "de"],
+    "text_kinds": ["words", "frames"],
+}
+
+
+@pytest.fixture(scope="module")
+def svl(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("svl") / "svl"
+    return dict(build_svl_digits(out, svl_config("tiny", SVL), workers=2).datasets)
+
+
+def untrained(layout: object, seed: int) -> Decoder:
+    torch.manual_seed(seed)
+    size = 64 * -(-layout.size // 64)  # type: ignore[attr-defined]
+    cfg = DecoderConfig(vocab_size=size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2)
+    model = Decoder(cfg)
+    # larger random weights than the training init, so the scores vary with the input a lot:
+    # an unbiased score must still sit at chance
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.3)
+    return model.eval()
+
+
+def test_untrained_models_score_chance_on_every_zero_shot_score(
+    svl: dict[str, Path], tmp_path: Path
+) -> None:
+    from loretta.data.shards import open_dataset
+
+    layout = open_dataset(str(svl["val"])).layout
+    preset = pipeline.Preset("tiny", SVL, "svl_digits", 1, 5, 20, [], [])
+    ev = pipeline.load_eval_data(svl, "val", preset)
+    scores: dict[str, list[float]] = {}
+    for seed in range(3):  # three random models: 900 query outcomes per score
+        res = pipeline.evaluate_model(untrained(layout, seed), layout, svl, ev, 20, (1.0, 0))
+        for a, b in pipeline.MISSING:
+            for kind in ("retrieval", "generation"):
+                k = f"{kind}/{a}->{b}"
+                scores.setdefault(k, []).append(res["acc"][k])
+    lo, hi = chance_band(3 * len(ev.labels))
+    for k, v in scores.items():
+        assert lo <= float(np.mean(v)) <= hi, (k, v, (lo, hi))
+
+
+def test_retrieval_finds_a_planted_link_and_excludes_own_items() -> None:
+    from loretta import eval as E
+
+    # a model is not needed to test the centring: feed conditional log-likelihoods directly
+    rng = np.random.default_rng(0)
+    n, labels = 200, np.repeat(np.arange(10), 20)
+    gallery = np.arange(0, 200, 4)
+    lp = rng.normal(size=(n, len(gallery)))
+    lp += 3.0 * rng.normal(size=(1, len(gallery)))  # item priors: plain likelihood is biased
+    lp += 0.8 * (labels[:, None] == labels[gallery][None, :])  # a real but weak link
+    orig = E.conditional_logprob
+    try:
+        E.conditional_logprob = lambda *a, **k: lp.copy()  # type: ignore[assignment]
+        exclude = [int(np.flatnonzero(gallery == i)[0]) if i in gallery else -1 for i in range(n)]
+        _, correct = E.retrieval(
+            None, None, [None] * n, labels, [None] * len(gallery), labels[gallery], exclude
+        )  # type: ignore[arg-type]
+        assert correct.mean() > 0.5
+        lp[:] = rng.normal(size=lp.shape) + 3.0 * rng.normal(size=(1, len(gallery)))
+        _, correct = E.retrieval(
+            None, None, [None] * n, labels, [None] * len(gallery), labels[gallery], exclude
+        )  # type: ignore[arg-type]
+        assert abs(correct.mean() - 0.1) < 0.1
+    finally:
+        E.conditional_logprob = orig  # type: ignore[assignment]
+
+
+def test_selection_on_validation_never_reads_test(svl: dict[str, Path], tmp_path: Path) -> None:
+    """Evaluation on val works with the test split gone: nothing on that path opens it."""
+    from loretta.data.shards import open_dataset
+
+    data = {k: tmp_path / k for k in svl}
+    for k, v in svl.items():
+        if k != "test":
+            shutil.copytree(v, data[k])
+    layout = open_dataset(str(data["val"])).layout
+    preset = pipeline.Preset("tiny", SVL, "svl_digits", 1, 2, 10, [], [])
+    ev = pipeline.load_eval_data(data, "val", preset)
+    res = pipeline.evaluate_model(untrained(layout, 0), layout, data, ev, 10, (1.0, 1))
+    assert set(res["items"]) == {
+        f"{k}/{a}->{b}" for k in ("retrieval", "generation") for a, b in pipeline.MISSING
+    }
+    assert all(len(v) == len(ev.labels) for v in res["items"].values())  # every item scored
+    with pytest.raises(Exception, match="test"):
+        pipeline.load_eval_data(data, "test", preset)
+
+
+def test_negative_control_prompts_come_from_another_class(tmp_path: Path) -> None:
+    from loretta.config import load_config
+    from loretta.data.loader import RowWriter, global_stream, open_sources
+    from loretta.transitive import build
+
+    over = [
+        f"--data.sources.0.path={tmp_path / 'ab'}",
+        f"--data.sources.1.path={tmp_path / 'bc'}",
+        "--objective.transitive_prob=1.0",
+        "--objective.control=other_class",
+    ]
+    cfg = load_config("tiny_loretta", over)
+    datasets, layout = open_sources(cfg.data, cfg.run.seed)
+    obj = build(cfg, layout)
+    stream, builder = global_stream(cfg, datasets, layout, 1, obj.planner_factory())
+    writer = RowWriter(datasets, builder, "raise", ("label", cfg.run.seed))
+    plain = RowWriter(datasets, builder, "raise")
+    rows = [stream.next_row() for _ in range(8)]
+    ctl, ref = writer.write(rows), plain.write(rows)
+    assert ctl["gen_docs"], "tiny_loretta with transitive_prob=1 plans generated blocks"
+    for (_, _, _, plan, arrays), (*_, own) in zip(ctl["gen_docs"], ref["gen_docs"]):
+        ds = datasets[plan.source]
+        label = ds.meta(plan.sample)["label"]
+        for b in plan.blocks:
+            if b.gen_from < 0:
+                assert np.array_equal(arrays[b.modality], own[b.modality])  # the real target
+                continue
+            prompt = arrays[b.gen_from]
+            name = layout.names[b.gen_from]
+            donors = [
+                j
+                for j in range(len(ds))
+                if ds.lengths[j][b.gen_from] == len(prompt)
+                and np.array_equal(ds.read(j, [name])[name], prompt)
+            ]
+            assert donors and all(ds.meta(j)["label"] != label for j in donors)
+    # same documents and token layout as the plain run: only the prompts differ
+    assert np.array_equal(ctl["tokens"], ref["tokens"])
+
+
+def test_statistics() -> None:
+    assert mean_std([0.2]) == (0.2, None)
+    assert fmt_mean_std([0.2]) == "0.200 (1 seed)"
+    m, s = mean_std([0.1, 0.3])
+    assert m == pytest.approx(0.2) and s == pytest.approx(np.std([0.1, 0.3], ddof=1))
+    lo, hi = chance_band(200)
+    assert lo == pytest.approx(0.1 - 2 * np.sqrt(0.09 / 200))
+    rng = np.random.default_rng(1)
+    a = [(rng.random(300) < 0.3).astype(float) for _ in range(3)]
+    b = [(rng.random(300) < 0.1).astype(float) for _ in range(3)]
+    d, lo, hi = paired_bootstrap(a, b, n_boot=500)
+    assert lo > 0 and lo < d < hi
+    d, lo, hi = paired_bootstrap(a, a, n_boot=200)
+    assert d == lo == hi == 0
+    same = [(rng.random(300) < 0.1).astype(float) for _ in range(3)]
+    _, lo, hi = paired_bootstrap(b, same, n_boot=500)
+    assert lo < 0 < hi
+    with pytest.raises(ValueError, match="paired"):
+        paired_bootstrap([np.zeros(3)], [np.zeros(4)])
