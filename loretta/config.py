@@ -10,11 +10,49 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from loretta.configlib import apply_overrides, dump_yaml, from_dict, read_source
+from loretta.configlib import (
+    apply_overrides,
+    dump_yaml,
+    from_dict,
+    merge_problems,
+    read_source,
+)
 from loretta.errors import ConfigError
 from loretta.model.config import DecoderConfig
 
 Precision = Literal["fp32", "bf16", "fp16"]
+
+# Upper bounds that no real run reaches: a value beyond one is a typo (an extra zero, a
+# unit slip), caught here instead of as an out-of-memory kill or an overflow much later.
+MAX_STEPS = 10**12
+MAX_SEQ_LEN = 1 << 20
+MAX_ROWS = 1 << 16
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+
+
+def model_bounds(m: DecoderConfig, p: str = "model") -> list[str]:
+    out = []
+    for name, hi in (
+        ("vocab_size", 1 << 24),
+        ("dim", 1 << 16),
+        ("n_layers", 4096),
+        ("n_heads", 1024),
+        ("n_kv_heads", 1024),
+        ("ffn_dim", 1 << 20),
+        ("multiple_of", 1 << 16),
+    ):
+        v = getattr(m, name)
+        if v > hi:
+            out.append(f"{p}.{name}={v}: must be <= {hi}")
+    if m.sliding_window is not None and m.sliding_window > MAX_SEQ_LEN:
+        out.append(f"{p}.sliding_window={m.sliding_window}: must be <= {MAX_SEQ_LEN} or null")
+    if m.norm_eps > 1e-2:
+        out.append(f"{p}.norm_eps={m.norm_eps}: must be in (0, 1e-2], e.g. 1e-5")
+    if m.init_std > 1:
+        out.append(f"{p}.init_std={m.init_std}: must be in (0, 1], e.g. 0.02")
+    if m.rope_theta > 1e12:
+        out.append(f"{p}.rope_theta={m.rope_theta}: must be in (0, 1e12], e.g. 10000")
+    return out
 
 
 @dataclass
@@ -34,10 +72,10 @@ class RunConfig:
         out = []
         if not self.name or "/" in self.name:
             out.append(f"{p}.name={self.name!r}: must be a non-empty name without '/'")
-        if self.steps < 1:
-            out.append(f"{p}.steps={self.steps}: must be >= 1")
-        if self.seed < 0:
-            out.append(f"{p}.seed={self.seed}: must be >= 0")
+        if not 1 <= self.steps <= MAX_STEPS:
+            out.append(f"{p}.steps={self.steps}: must be in [1, {MAX_STEPS:.0e}]")
+        if not 0 <= self.seed < 2**63:
+            out.append(f"{p}.seed={self.seed}: must be in [0, 2**63)")
         return out
 
 
@@ -148,12 +186,16 @@ class ObjectiveConfig:
         if self.control != "none" and not self.control_label_key:
             out.append(f"{p}.control_label_key: empty; name the metadata key holding the class")
         g = self.generation
-        if not g.temperature >= 0:
-            out.append(f"{p}.generation.temperature={g.temperature}: must be >= 0 (0 = greedy)")
+        if not 0 <= g.temperature <= 100:
+            out.append(
+                f"{p}.generation.temperature={g.temperature}: must be in [0, 100] (0 = greedy)"
+            )
         if g.top_k < 0:
             out.append(f"{p}.generation.top_k={g.top_k}: must be >= 0 (0 = off)")
-        if g.layers_per_group < 1 or g.batch_size < 1:
-            out.append(f"{p}.generation: layers_per_group and batch_size must be >= 1")
+        for name in ("layers_per_group", "batch_size"):
+            v = getattr(g, name)
+            if not 1 <= v <= MAX_ROWS:
+                out.append(f"{p}.generation.{name}={v}: must be in [1, {MAX_ROWS}]")
         if g.compile_decode and g.gather != "once":
             out.append(
                 f"{p}.generation.compile_decode=true needs {p}.generation.gather='once' "
@@ -211,12 +253,17 @@ class DataConfig:
                 out.append(f"{w}.name={s.name!r}: used by more than one source; names must differ")
             if not s.path:
                 out.append(f"{w}.path: empty; point it at a dataset folder with manifest.json")
-            if not s.weight > 0:
-                out.append(f"{w}.weight={s.weight}: must be > 0 (token share of this source)")
+            if not 0 < s.weight <= 1e6:
+                out.append(
+                    f"{w}.weight={s.weight}: must be in (0, 1e6] (relative token share of this "
+                    "source, e.g. 1.0)"
+                )
             if s.synthetic is not None:
                 syn = s.synthetic
                 if syn.samples < 1 or syn.classes < 1 or syn.samples_per_shard < 1:
                     out.append(f"{w}.synthetic: samples, classes, samples_per_shard must be >= 1")
+                if not 0.0 <= syn.noise <= 1.0:
+                    out.append(f"{w}.synthetic.noise={syn.noise}: must be a probability in [0, 1]")
                 if not syn.modalities:
                     out.append(f"{w}.synthetic.modalities: empty; name at least one modality")
                 for m in syn.present:
@@ -228,16 +275,18 @@ class DataConfig:
                             f"{w}.synthetic.modalities.{m}: need size >= 1 and "
                             f"1 <= min_len <= max_len (got {sm})"
                         )
-        if self.seq_len < 8:
-            out.append(f"{p}.seq_len={self.seq_len}: must be >= 8")
-        if self.micro_batch_size < 1:
-            out.append(f"{p}.micro_batch_size={self.micro_batch_size}: must be >= 1")
-        if self.num_workers < 0:
-            out.append(f"{p}.num_workers={self.num_workers}: must be >= 0 (0 = main process)")
-        if self.prefetch_factor < 1:
-            out.append(f"{p}.prefetch_factor={self.prefetch_factor}: must be >= 1")
-        if self.pack_lookahead < 1:
-            out.append(f"{p}.pack_lookahead={self.pack_lookahead}: must be >= 1")
+        if not 8 <= self.seq_len <= MAX_SEQ_LEN:
+            out.append(f"{p}.seq_len={self.seq_len}: must be in [8, {MAX_SEQ_LEN}]")
+        if not 1 <= self.micro_batch_size <= MAX_ROWS:
+            out.append(f"{p}.micro_batch_size={self.micro_batch_size}: must be in [1, {MAX_ROWS}]")
+        if not 0 <= self.num_workers <= 256:
+            out.append(
+                f"{p}.num_workers={self.num_workers}: must be in [0, 256] (0 = main process)"
+            )
+        if not 1 <= self.prefetch_factor <= 1024:
+            out.append(f"{p}.prefetch_factor={self.prefetch_factor}: must be in [1, 1024]")
+        if not 1 <= self.pack_lookahead <= MAX_ROWS:
+            out.append(f"{p}.pack_lookahead={self.pack_lookahead}: must be in [1, {MAX_ROWS}]")
         if self.max_skipped < 0:
             out.append(f"{p}.max_skipped={self.max_skipped}: must be >= 0")
         for m, n in self.sequence.max_tokens.items():
@@ -262,22 +311,25 @@ class OptimConfig:
 
     def problems(self, p: str = "optim") -> list[str]:
         out = []
-        if not self.lr > 0:
-            out.append(f"{p}.lr={self.lr}: must be > 0, e.g. 3e-4")
+        if not 0 < self.lr <= 1:
+            out.append(f"{p}.lr={self.lr}: must be in (0, 1], e.g. 3e-4")
         if not 0 <= self.min_lr_ratio <= 1:
             out.append(f"{p}.min_lr_ratio={self.min_lr_ratio}: must be in [0, 1]")
         if self.warmup_steps < 0:
             out.append(f"{p}.warmup_steps={self.warmup_steps}: must be >= 0")
-        if self.weight_decay < 0:
-            out.append(f"{p}.weight_decay={self.weight_decay}: must be >= 0")
+        if not 0 <= self.weight_decay <= 1:
+            out.append(f"{p}.weight_decay={self.weight_decay}: must be in [0, 1], e.g. 0.1")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             out.append(f"{p}.betas={self.betas}: need two values in [0, 1), e.g. [0.9, 0.95]")
-        if not self.eps > 0:
-            out.append(f"{p}.eps={self.eps}: must be > 0")
-        if self.grad_clip < 0:
-            out.append(f"{p}.grad_clip={self.grad_clip}: must be >= 0 (0 disables clipping)")
-        if self.grad_accum_steps < 1:
-            out.append(f"{p}.grad_accum_steps={self.grad_accum_steps}: must be >= 1")
+        if not 0 < self.eps <= 1e-3:
+            out.append(f"{p}.eps={self.eps}: must be in (0, 1e-3], e.g. 1e-8")
+        if not 0 <= self.grad_clip <= 1e6:
+            out.append(
+                f"{p}.grad_clip={self.grad_clip}: must be in [0, 1e6] (0 disables clipping), "
+                "e.g. 1.0"
+            )
+        if not 1 <= self.grad_accum_steps <= 65536:
+            out.append(f"{p}.grad_accum_steps={self.grad_accum_steps}: must be in [1, 65536]")
         return out
 
 
@@ -293,8 +345,11 @@ class EngineConfig:
         out = []
         if not self.deepspeed_config:
             out.append(f"{p}.deepspeed_config: empty; use 'zero3' or a path to a JSON file")
-        if not self.timeout_s > 0:
-            out.append(f"{p}.timeout_s={self.timeout_s}: must be > 0 seconds")
+        if not 0 < self.timeout_s <= MAX_TIMEOUT_S:
+            out.append(
+                f"{p}.timeout_s={self.timeout_s}: must be in (0, {MAX_TIMEOUT_S:.0f}] seconds "
+                "(7 days), e.g. 600"
+            )
         return out
 
 
@@ -307,13 +362,16 @@ class CheckpointConfig:
     init_from: str = ""  # warm start: a checkpoint, consolidated or Hugging Face folder
     # layout.json of an init_from Hugging Face folder that loretta did not write
     init_layout: str = ""
+    # before resuming: 'full' checks every file's size and CRC-32 against manifest.json (reads
+    # the checkpoint once, at disk speed); 'size' checks presence and sizes only
+    verify: Literal["full", "size"] = "full"
 
     def problems(self, p: str = "checkpoint") -> list[str]:
         out = []
-        if self.interval < 0:
+        if not 0 <= self.interval <= MAX_STEPS:
             out.append(f"{p}.interval={self.interval}: must be >= 0 (0 = only at the end)")
-        if self.keep_last < 1:
-            out.append(f"{p}.keep_last={self.keep_last}: must be >= 1")
+        if not 1 <= self.keep_last <= 10000:
+            out.append(f"{p}.keep_last={self.keep_last}: must be in [1, 10000]")
         if not self.resume:
             out.append(f"{p}.resume: empty; use none, auto or a checkpoint folder")
         if self.init_layout and not self.init_from:
@@ -332,10 +390,13 @@ class LoggingConfig:
 
     def problems(self, p: str = "logging") -> list[str]:
         out = []
-        if self.interval < 1:
+        if not 1 <= self.interval <= MAX_STEPS:
             out.append(f"{p}.interval={self.interval}: must be >= 1")
-        if self.peak_flops < 0:
-            out.append(f"{p}.peak_flops={self.peak_flops}: must be >= 0 (0 = detect)")
+        if not 0 <= self.peak_flops <= 1e18:
+            out.append(
+                f"{p}.peak_flops={self.peak_flops}: must be in [0, 1e18] FLOP/s per device "
+                "(0 = detect)"
+            )
         return out
 
 
@@ -381,9 +442,14 @@ class FaultConfig:
     crash_in_save_at: list[int] = field(default_factory=list)  # testing: die mid-save at these
 
     def problems(self, p: str = "faults") -> list[str]:
+        out = []
         if self.max_nan_skips < 0:
-            return [f"{p}.max_nan_skips={self.max_nan_skips}: must be >= 0"]
-        return []
+            out.append(f"{p}.max_nan_skips={self.max_nan_skips}: must be >= 0")
+        for name in ("inject_nan_at", "crash_in_save_at"):
+            bad = [v for v in getattr(self, name) if v < 1]
+            if bad:
+                out.append(f"{p}.{name}={bad}: steps are 1-based, must be >= 1")
+        return out
 
 
 @dataclass
@@ -404,6 +470,7 @@ class TrainConfig:
         out += self.optim.problems() + self.engine.problems() + self.checkpoint.problems()
         out += self.logging.problems() + self.faults.problems()
         out += self.objective.problems([s.name for s in self.data.sources])
+        out += model_bounds(self.model)
         out += self.monitor.problems()
         if not 0.0 <= self.data.sequence.shuffle_prob <= 1.0:
             out.append(
@@ -430,19 +497,79 @@ def load_config(source: str, overrides: list[str] | None = None) -> TrainConfig:
     """Recipe name or YAML path + dotted overrides -> validated TrainConfig (or ConfigError)."""
     data, where = read_source(source)
     problems = apply_overrides(data, list(overrides or []))
-    cfg = from_dict(TrainConfig, data, "", problems)
-    if not problems:
-        problems += cfg.problems()
-    if problems:
-        raise ConfigError(problems, where)
-    return cfg
+    return _build(data, where, problems)
 
 
 def config_from_dict(data: dict[str, Any], where: str = "config") -> TrainConfig:
-    problems: list[str] = []
+    return _build(data, where, [])
+
+
+def _build(data: dict[str, Any], where: str, problems: list[str]) -> TrainConfig:
+    """Every problem at once: type problems, then the value checks of every other field."""
     cfg = from_dict(TrainConfig, data, "", problems)
-    if not problems:
-        problems += cfg.problems()
+    if isinstance(cfg, TrainConfig):
+        try:
+            problems = merge_problems(problems, cfg.problems())
+        except (TypeError, ValueError, AttributeError) as e:  # a check tripped on a bad type
+            problems.append(f"config: {e}")
     if problems:
         raise ConfigError(problems, where)
     return cfg
+
+
+def memory_estimate(cfg: TrainConfig, world: int) -> dict[str, int]:
+    """Bytes one rank needs at the least for one micro step (a floor, not a forecast): the
+    logits B*T*V twice in fp32 (the loss's fp32 logits and their gradient), the activations
+    kept for backward (each layer's input only, plus one layer's, with activation
+    checkpointing), and ZeRO-3's share of weights + Adam state (16 bytes a parameter over the
+    ranks). The model's vocab_size must be final (not 0)."""
+    m, d = cfg.model, cfg.data
+    rows = d.micro_batch_size * d.seq_len
+    act = 4 if cfg.run.precision == "fp32" else 2
+    per_layer = rows * (6 * m.dim + 2 * m.hidden_dim) * act
+    if cfg.engine.activation_checkpointing:
+        acts = rows * m.dim * act * m.n_layers + per_layer
+    else:
+        acts = per_layer * m.n_layers
+    return {
+        "logits": 2 * 4 * rows * m.vocab_size,
+        "activations": acts,
+        "states": 16 * m.num_params() // max(1, world),
+    }
+
+
+def available_memory(device_type: str, ranks_on_node: int) -> tuple[int, str]:
+    """(bytes one rank may use, where the number comes from)."""
+    if device_type == "cuda":
+        import torch
+
+        _free, total = torch.cuda.mem_get_info()
+        return int(total), "GPU memory (torch.cuda.mem_get_info)"
+    try:
+        with open("/proc/meminfo") as f:
+            info = {ln.split(":")[0]: int(ln.split()[1]) * 1024 for ln in f if ":" in ln}
+        avail = info.get("MemAvailable", info.get("MemTotal", 0))
+    except (OSError, ValueError):
+        return 0, "unknown"
+    return avail // max(1, ranks_on_node), f"MemAvailable / {ranks_on_node} rank(s) on this node"
+
+
+def memory_problems(cfg: TrainConfig, world: int, available: int, source: str) -> list[str]:
+    """A problem when the floor of `memory_estimate` exceeds `available` bytes (0 = unknown)."""
+    if available <= 0:
+        return []
+    est = memory_estimate(cfg, world)
+    need = sum(est.values())
+    if need <= available:
+        return []
+    gb = 2**30
+    d, m = cfg.data, cfg.model
+    return [
+        f"data.seq_len={d.seq_len} x data.micro_batch_size={d.micro_batch_size} does not fit: "
+        f"one micro step needs at least {need / gb:.1f} GiB per rank (logits "
+        f"{d.micro_batch_size}x{d.seq_len}x{m.vocab_size} fp32 x2 = {est['logits'] / gb:.1f} "
+        f"GiB, activations {est['activations'] / gb:.1f} GiB, weights + optimizer "
+        f"{est['states'] / gb:.1f} GiB) but {available / gb:.1f} GiB is available ({source}); "
+        "lower data.seq_len or data.micro_batch_size (use optim.grad_accum_steps for a larger "
+        "batch)"
+    ]

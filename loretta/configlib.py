@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -182,15 +183,21 @@ def _convert(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
         problems.append(f"{where}={value!r}: expected an integer")
         return _MISSING
     if tp is float:
+        out_f: float | None = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            out_f = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)  # YAML reads '3e-4' (no dot) as a string
+                out_f = float(value)  # YAML reads '3e-4' (no dot) as a string
             except ValueError:
                 pass
-        problems.append(f"{where}={value!r}: expected a number")
-        return _MISSING
+        if out_f is None:
+            problems.append(f"{where}={value!r}: expected a number")
+            return _MISSING
+        if not math.isfinite(out_f):  # .inf / .nan: never a sensible setting here
+            problems.append(f"{where}={value!r}: expected a finite number (not inf or nan)")
+            return _MISSING
+        return out_f
     if tp is str:
         if isinstance(value, str):
             return value
@@ -228,6 +235,23 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str, problems: list[
     except TypeError as e:  # a required field was missing or had a bad type
         problems.append(f"{where or 'config'}: {e}")
         return _MISSING  # type: ignore[return-value]
+
+
+def problem_field(problem: str) -> str:
+    """The dotted field a problem message starts with ('optim.lr=...: ...' -> 'optim.lr')."""
+    head = problem.split(":", 1)[0]
+    return head.split("=", 1)[0].split(" ", 1)[0]
+
+
+def merge_problems(type_problems: list[str], value_problems: list[str]) -> list[str]:
+    """Type problems first, then value problems of fields that had no type problem (a field
+    with a bad type holds its default, whose own checks would only mislead)."""
+    bad = {problem_field(p) for p in type_problems}
+    return type_problems + [
+        p
+        for p in value_problems
+        if not any(problem_field(p) == b or problem_field(p).startswith(b + ".") for b in bad)
+    ]
 
 
 def to_dict(obj: Any) -> Any:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,145 @@ def read_ds_json(name_or_path: str) -> tuple[dict[str, Any], str]:
         raise ConfigError([f"{p}: invalid JSON ({e})"]) from e
 
 
+# Keys DeepSpeed 0.19 reads. DeepSpeed ignores a misspelled top-level key without a word and
+# reports a bad nested one as a pydantic traceback after the process group is up; checking the
+# JSON here names the key and the fix before anything starts.
+TOP_KEYS = {
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+    "gradient_clipping", "steps_per_print", "wall_clock_breakdown", "dump_state",
+    "memory_breakdown", "prescale_gradients", "gradient_predivide_factor", "sparse_gradients",
+    "communication_data_type", "seq_parallel_communication_data_type", "zero_optimization",
+    "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "optimizer", "scheduler",
+    "fp16", "bf16", "bfloat16", "amp", "torch_autocast", "data_types", "aio", "checkpoint",
+    "activation_checkpointing", "flops_profiler", "comms_logger", "monitor_config",
+    "tensorboard", "wandb", "csv_monitor", "comet", "elasticity", "autotuning",
+    "compression_training", "data_efficiency", "curriculum_learning", "pipeline",
+    "sparse_attention", "nebula", "weight_quantization", "compile", "timers",
+    "graph_harvesting", "use_data_before_expert_parallelism", "dataloader_drop_last",
+    "disable_allgather", "gradient_allreduce_op", "use_node_local_storage",
+    "load_universal_checkpoint", "hybrid_engine", "eigenvalue", "quantize_training",
+    "progressive_layer_drop", "mics_shard_size", "mics_hierarchical_params_gather",
+    "zenflow", "tensor_parallel", "sequence_parallel_size",
+}  # fmt: skip
+ZERO_KEYS = {
+    "stage", "allgather_partitions", "allgather_bucket_size", "reduce_scatter",
+    "reduce_bucket_size", "overlap_comm", "contiguous_gradients", "offload_optimizer",
+    "offload_param", "sub_group_size", "cpu_offload", "cpu_offload_param",
+    "cpu_offload_use_pin_memory", "elastic_checkpoint", "load_from_fp32_weights",
+    "round_robin_gradients", "ignore_unused_parameters", "legacy_stage1", "leaf_module",
+    "prefetch_bucket_size", "stage3_prefetch_bucket_size", "param_persistence_threshold",
+    "stage3_param_persistence_threshold", "model_persistence_threshold",
+    "stage3_model_persistence_threshold", "max_live_parameters", "stage3_max_live_parameters",
+    "max_reuse_distance", "stage3_max_reuse_distance", "gather_16bit_weights_on_model_save",
+    "stage3_gather_16bit_weights_on_model_save", "stage3_gather_fp16_weights_on_model_save",
+    "use_all_reduce_for_fetch_params", "stage3_use_all_reduce_for_fetch_params",
+    "allgather_sequential", "stage3_allgather_sequential", "module_granularity_threshold",
+    "stage3_module_granularity_threshold", "zero_hpz_partition_size",
+    "zero_quantized_weights", "zero_quantized_nontrainable_weights",
+    "zero_quantized_gradients", "memory_efficient_linear", "pipeline_loading_checkpoint",
+    "override_module_apply", "log_trace_cache_warnings", "enable_sanity_checks",
+    "parameter_alignment", "compute_grad_norm", "use_multi_rank_bucket_allreduce",
+    "save_muon_momentum_buffer_in_memory", "zenflow",
+}  # fmt: skip
+OFFLOAD_KEYS = {
+    "offload_param": {"device", "nvme_path", "buffer_count", "buffer_size", "max_in_cpu",
+                      "pin_memory"},
+    "offload_optimizer": {"device", "nvme_path", "buffer_count", "pin_memory", "pipeline_read",
+                          "pipeline_write", "fast_init", "ratio", "cpuadam_cores_perc",
+                          "super_offload"},
+}  # fmt: skip
+PRECISION_KEYS = {
+    "bf16": {"enabled", "bf16_master_weights_and_grads", "bf16_optimizer_states",
+             "check_grad_overflow", "immediate_grad_update"},
+    "fp16": {"enabled", "auto_cast", "consecutive_hysteresis", "fp16_master_weights_and_grads",
+             "hysteresis", "initial_scale_power", "loss_scale", "loss_scale_window",
+             "min_loss_scale"},
+}  # fmt: skip
+# sizes in elements/parameters: a count, never negative
+ZERO_SIZES = (
+    "allgather_bucket_size", "reduce_bucket_size", "sub_group_size", "prefetch_bucket_size",
+    "stage3_prefetch_bucket_size", "param_persistence_threshold",
+    "stage3_param_persistence_threshold", "model_persistence_threshold",
+    "stage3_model_persistence_threshold", "max_live_parameters", "stage3_max_live_parameters",
+    "max_reuse_distance", "stage3_max_reuse_distance", "zero_hpz_partition_size",
+)  # fmt: skip
+ZERO_BOOLS = (
+    "overlap_comm", "contiguous_gradients", "allgather_partitions", "reduce_scatter",
+    "round_robin_gradients", "stage3_gather_16bit_weights_on_model_save",
+)  # fmt: skip
+OFFLOAD_DEVICES = ("cpu", "nvme", "none")
+
+
+def _unknown(keys: Any, known: set[str], at: str, where: str) -> list[str]:
+    import difflib
+
+    out = []
+    for k in keys:
+        if k not in known:
+            close = difflib.get_close_matches(str(k), sorted(known), n=1, cutoff=0.7)
+            fix = f"did you mean {close[0]!r}?" if close else "remove it (DeepSpeed ignores it)"
+            out.append(f"{where}: {at}{k}: unknown key; {fix}")
+    return out
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+
+
+def check_ds_json(ds: dict[str, Any], where: str) -> list[str]:
+    """Problems of a DeepSpeed JSON before DeepSpeed sees it: unknown keys (with the close
+    match), negative or non-numeric sizes, offload devices, wrong section types."""
+    if not isinstance(ds, dict):
+        return [f"{where}: the top level must be a JSON object"]
+    out = _unknown(ds, TOP_KEYS, "", where)
+    for sec, known in PRECISION_KEYS.items():
+        node = ds.get(sec)
+        if node is not None and not isinstance(node, dict):
+            out.append(f'{where}: {sec}={node!r}: must be an object, e.g. {{"enabled": "auto"}}')
+        elif node:
+            out += _unknown(node, known, f"{sec}.", where)
+    zero = ds.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        return [
+            *out,
+            f'{where}: zero_optimization={zero!r}: must be an object, e.g. {{"stage": 3}}',
+        ]
+    out += _unknown(zero, ZERO_KEYS, "zero_optimization.", where)
+    for k in ZERO_SIZES:
+        if k in zero and not _is_count(zero[k]):
+            out.append(
+                f"{where}: zero_optimization.{k}={zero[k]!r}: must be a number >= 0 "
+                "(a count of elements, e.g. 5e7)"
+            )
+    for k in ZERO_BOOLS:
+        if k in zero and not isinstance(zero[k], bool):
+            out.append(f"{where}: zero_optimization.{k}={zero[k]!r}: must be true or false")
+    for sec, known in OFFLOAD_KEYS.items():
+        node = zero.get(sec)
+        if node is None:
+            continue
+        at = f"zero_optimization.{sec}"
+        if not isinstance(node, dict):
+            out.append(f'{where}: {at}={node!r}: must be an object, e.g. {{"device": "cpu"}}')
+            continue
+        out += _unknown(node, known, f"{at}.", where)
+        dev = node.get("device", "none")
+        if dev not in OFFLOAD_DEVICES:
+            out.append(
+                f"{where}: {at}.device={dev!r}: must be one of {list(OFFLOAD_DEVICES)} "
+                "(offload targets host memory or NVMe; the GPU is where it comes from)"
+            )
+        elif dev == "nvme" and not node.get("nvme_path"):
+            out.append(f"{where}: {at}.device='nvme' needs nvme_path (a local NVMe folder)")
+        for k in ("buffer_count", "buffer_size", "max_in_cpu"):
+            if k in node and not _is_count(node[k]):
+                out.append(f"{where}: {at}.{k}={node[k]!r}: must be a number >= 0")
+    opt = ds.get("optimizer")
+    if opt is not None and not (isinstance(opt, dict) and isinstance(opt.get("params", {}), dict)):
+        out.append(f'{where}: optimizer={opt!r}: must be an object {{"type": ..., "params": {{}}}}')
+    return out
+
+
 def _own(
     ds: dict[str, Any], path: list[str], ours: Any, field: str, where: str, problems: list[str]
 ) -> None:
@@ -72,8 +212,10 @@ def resolve_ds_config(
 ) -> dict[str, Any]:
     """The DeepSpeed config dict for this run (raises ConfigError listing every conflict)."""
     template, where = read_ds_json(cfg.engine.deepspeed_config)
+    problems = check_ds_json(template, where)
+    if problems:  # the merge below assumes the sections are objects
+        raise ConfigError(problems, where)
     ds = copy.deepcopy(template)
-    problems: list[str] = []
     o, d = cfg.optim, cfg.data
     _own(
         ds,

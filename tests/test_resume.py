@@ -6,12 +6,16 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 from helpers import (
+    PY,
+    base_env,
     losses,
     losses_after_last_start,
     metrics,
@@ -143,8 +147,14 @@ def test_checkpoint_folder_is_self_describing(
     for key in ("step", "tokens_seen", "world_size", "loader_state", "wandb_id", "complete"):
         assert key in state
     assert state["tokens_seen"] == STEPS * 2 * 8 * 128
-    assert sorted(p.name for p in (last / "rng").iterdir()) == ["rank_00000.pt", "rank_00001.pt"]
+    assert sorted(p.name for p in (last / "rng").iterdir()) == [
+        "rank_00000.safetensors",
+        "rank_00001.safetensors",
+    ]
     assert (last / "config.yaml").exists() and (last / "layout.json").exists()
+    manifest = json.loads((last / "manifest.json").read_text())["files"]
+    assert "state.json" in manifest and "rng/rank_00001.safetensors" in manifest
+    assert any(f.endswith("optim_states.pt") for f in manifest)
 
 
 def test_a_checkpoint_with_another_layout_or_model_is_refused(tmp_path: Path) -> None:
@@ -169,3 +179,67 @@ def test_a_checkpoint_with_another_layout_or_model_is_refused(tmp_path: Path) ->
     other.model.vocab_size = 192
     with pytest.raises(CheckpointError, match="model.dim: checkpoint 64 vs config 128"):
         check_compatible(ck, other, saved)
+
+
+# ---- dropout: the RNG is part of the state -------------------------------------------------
+DROP_STEPS = 10
+
+
+def drop_args(tmp: Path, data: Path, **more: Any) -> list[str]:
+    o = {"checkpoint.interval": 4, "checkpoint.keep_last": 2, "model.dropout": 0.1}
+    o.update(more)
+    return ["--config", "tiny", *tiny_overrides(tmp, steps=DROP_STEPS, data=data, **o)]
+
+
+@pytest.fixture(scope="module")
+def dropout_reference(tmp_path_factory: pytest.TempPathFactory, tiny_data: Path) -> Path:
+    tmp = tmp_path_factory.mktemp("dropout-reference")
+    torchrun(2, drop_args(tmp, tiny_data))
+    assert sorted(losses(tmp / "run")) == list(range(1, DROP_STEPS + 1))
+    return tmp / "run"
+
+
+def test_dropout_kill9_between_checkpoints_resumes_bitwise(
+    tmp_path: Path, tiny_data: Path, dropout_reference: Path
+) -> None:
+    reference = losses(dropout_reference)
+    proc = spawn_torchrun(2, drop_args(tmp_path, tiny_data))
+    pids = worker_pids(proc, 2)
+    wait_for_step(tmp_path / "run", 5, proc)  # past the step-4 checkpoint, before step 8's
+    os.kill(pids[0], signal.SIGKILL)
+    assert proc.wait(timeout=90) != 0
+    torchrun(2, [*drop_args(tmp_path, tiny_data), "--resume", "auto"])
+    resumed = losses_after_last_start(tmp_path / "run")
+    assert min(resumed) in (5, 9)
+    for s in range(min(resumed), DROP_STEPS + 1):  # dropout masks continue exactly
+        assert resumed[s] == reference[s], (s, resumed[s], reference[s])
+
+
+def test_damaged_newest_checkpoint_falls_back_and_resumes_bitwise(
+    tmp_path: Path, tiny_data: Path, dropout_reference: Path
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(dropout_reference, run)
+    reference = losses(dropout_reference)
+    newest = run / "checkpoints" / f"step_{DROP_STEPS:08d}"
+    opt = sorted(newest.glob("ds/*optim_states.pt"))[-1]
+    data = bytearray(opt.read_bytes())
+    data[len(data) // 2] ^= 0x40  # one flipped bit in the middle of the optimizer state
+    opt.write_bytes(bytes(data))
+    # named explicitly: exit 2 before any process group, naming the file
+    res = subprocess.run(
+        [PY, "-m", "loretta.pretrain", *drop_args(tmp_path, tiny_data), "--resume", str(newest)],
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert f"{opt.relative_to(newest)}: contents changed" in res.stderr, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    # --resume auto: reports it and resumes from step 8, the newest intact checkpoint
+    out = torchrun(2, [*drop_args(tmp_path, tiny_data), "--resume", "auto"])
+    assert f"checkpoint {newest} is damaged" in out.stderr, out.stderr[-3000:]
+    assert "resuming from step_00000008" in out.stderr
+    resumed = losses_after_last_start(run)
+    assert sorted(resumed) == [9, 10] and all(resumed[s] == reference[s] for s in resumed)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from loretta.config import TrainConfig
+from loretta.config import TrainConfig, available_memory, memory_problems
 from loretta.configlib import to_dict
 from loretta.data.loader import build_loader, open_sources
 from loretta.data.sequences import direction_names
@@ -31,6 +31,7 @@ from loretta.dsconfig import nvme_problems, resolve_ds_config, uses_nvme
 from loretta.errors import ConfigError
 from loretta.objectives import Objective
 from loretta.train import checkpoint as ckpt
+from loretta.train import runlock
 from loretta.train.callbacks import Callback, StepContext, step_end
 from loretta.train.checkpointing import Checkpointer
 from loretta.train.faults import (
@@ -97,12 +98,20 @@ class Prepared:
     objective: Objective
 
 
+def check_memory(cfg: TrainConfig, device: torch.device, info: DistInfo) -> None:
+    avail, source = available_memory(device.type, info.local_world_size)
+    problems = memory_problems(cfg, info.world_size, avail, source)
+    if problems:
+        raise ConfigError(problems)
+
+
 def prepare(cfg: TrainConfig, info: DistInfo) -> Prepared:
     device = select_device(cfg, info)
     if cfg.run.precision == "fp16" and device.type == "cpu":
         raise ConfigError(["run.precision='fp16' needs a GPU; use 'bf16' or 'fp32' on the CPU"])
     _, layout = open_sources(cfg.data, cfg.run.seed)
     finalize_model_config(cfg, layout.size)
+    check_memory(cfg, device, info)  # a size that cannot fit fails now, with the numbers
     resume_dir = ckpt.resolve_resume(cfg)
     state = ckpt.check_compatible(resume_dir, cfg, layout) if resume_dir else None
     if cfg.checkpoint.init_from and resume_dir is None:  # a bad export fails here, early
@@ -185,8 +194,7 @@ def resume(p: Prepared, eng: Any) -> Progress:
     """Load the engine, this rank's RNG and the progress counters, if resuming."""
     if p.resume_dir is None or p.resume_state is None:
         return Progress()
-    eng.load(p.resume_dir, universal=p.universal)
-    ckpt.load_rng(p.resume_dir, p.info.rank, p.info.world_size)
+    eng.load(p.resume_dir, universal=p.universal)  # the RNG is restored last (see run)
     s = p.resume_state
     return Progress(
         step=int(s["step"]),
@@ -226,6 +234,8 @@ def run(
     signals: SignalFlag | None = None,
     callbacks: Sequence[Callback] = (),
 ) -> int:
+    _lock = runlock.hold_run_dir(cfg.run.path, info.rank)  # one job per run folder (rank 0)
+    runlock.start_orphan_guard(info.launcher)  # no worker outlives its launcher
     p = prepare(cfg, info)
     from loretta.train.monitor import build_monitors
 
@@ -282,6 +292,8 @@ def run(
     def save(step: int) -> None:
         saver.save(step, prog.checkpoint_state(logger.wandb_id, nan.skipped))
 
+    if p.resume_dir is not None:  # last before step 1: the set-up above draws from the RNGs
+        ckpt.load_rng(p.resume_dir, rank, world)
     try:
         eng.train()
         while prog.step < cfg.run.steps:
