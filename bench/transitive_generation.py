@@ -186,8 +186,8 @@ def main() -> None:
         f"--model.dim={a.dim}",
         f"--model.n_layers={a.layers}",
         "--model.n_heads=4",
-        f"--data.sources.0.path={tmp / 'ab'}",
-        f"--data.sources.1.path={tmp / 'bc'}",
+        f"--data.sources.0.path=synthetic:{tmp / 'ab'}",
+        f"--data.sources.1.path=synthetic:{tmp / 'bc'}",
         f"--run.run_dir={tmp / 'run'}",
         "--logging.wandb=disabled",
     ]

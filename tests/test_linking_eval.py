@@ -123,8 +123,8 @@ def test_negative_control_prompts_come_from_another_class(tmp_path: Path) -> Non
     from loretta.transitive import build
 
     over = [
-        f"--data.sources.0.path={tmp_path / 'ab'}",
-        f"--data.sources.1.path={tmp_path / 'bc'}",
+        f"--data.sources.0.path=synthetic:{tmp_path / 'ab'}",
+        f"--data.sources.1.path=synthetic:{tmp_path / 'bc'}",
         "--objective.transitive_prob=1.0",
         "--objective.control=other_class",
     ]
