@@ -51,6 +51,7 @@ def test_demo_command_runs_scaled_down(tmp_path: Path) -> None:
         "accuracy.png",
         "loss_per_direction.png",
         "metrics.json",
+        "monitor.png",
         "summary.md",
     ]
     for png in report.glob("*.png"):
