@@ -20,8 +20,11 @@ BENCHES = {
     "model_step.py": ("ratio", "packed_ratio", "ours_ms", "packed_ours_ms"),
     "transitive_generation.py": ("ratio", "ratio_vs_naive", "gen_share", "hooks_kv_tokens_per_s"),
     "zero3_memory.py": ("max_ratio_to_ideal", "ratio_world2", "total_bytes_world1"),
+    "checkpoint_verify.py": ("verify_s", "bytes", "gb_per_s"),
 }
-ELSEWHERE = {"convert.py", "demo.py", "gpu_check.sh"}  # convert.py: test_convert_bench_tiny
+# convert.py: test_convert_bench_tiny below; loss_memory.py: tests/test_loss.py; gpu_summary.py:
+# tests/test_gpu_check.py; demo.py: the pipeline test in tests/test_readme.py
+ELSEWHERE = {"convert.py", "demo.py", "gpu_check.sh", "gpu_summary.py", "loss_memory.py"}
 
 
 def test_every_bench_script_has_a_tiny_run_here() -> None:
