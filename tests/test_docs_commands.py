@@ -86,7 +86,8 @@ def fenced(name: str) -> list[Command]:
     """Commands of fenced blocks: every line of a shell block (one of a program this file does
     not know fails in check()); unlabelled blocks hold trees and diagrams too, so only their lines
     that start with a known program count. Blocks that open with a shebang are scripts shown
-    whole (docs/slurm.md's launcher sketch), not commands to type: skipped."""
+    whole, not commands to type: skipped (docs/slurm.md's launcher script is run as written
+    by tests/test_slurm.py)."""
     out = []
     lines = (REPO / name).read_text().splitlines()
     i = 0
@@ -384,6 +385,25 @@ def test_doc_command(command: Command) -> None:
         check(command)
     except DocError as e:
         pytest.fail(f"{command}\n  -> {e}", pytrace=False)
+
+
+def test_prose_overrides_name_config_fields() -> None:
+    """Overrides quoted in the prose (`--data.sources.0.path=data/pairs`, `checkpoint.verify=size`)
+    name real config fields; `--section.field=value` is the generic form."""
+    from loretta.config import TrainConfig
+
+    sections = "|".join(TrainConfig.__dataclass_fields__)
+    found, wrong = 0, []
+    for name in DOCS:
+        text = (REPO / name).read_text()
+        for m in re.finditer(rf"`(?:--)?((?:{sections})(?:\.\w+)+=[^`\s]*)`", text):
+            found += 1
+            try:
+                check_overrides(["--" + m.group(1)], None)
+            except DocError as e:
+                wrong.append(f"{name}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)}: {e}")
+    assert found >= 5
+    assert not wrong, "\n".join(wrong)
 
 
 @pytest.mark.parametrize(
