@@ -312,7 +312,8 @@ def prototypes_from(path: str, modality: str, per_class: int) -> dict[int, list[
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line parser (no side effects)."""
     ap = argparse.ArgumentParser(
         prog="loretta-eval",
         description=__doc__,
@@ -350,7 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--top-k", type=int, default=0, help="0: no top-k; 1: greedy")
     for p in (z, pr, g):
         p.add_argument("--device", default="cpu")
-    a = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
     from loretta.checkpoint.load import load_model
     from loretta.errors import LorettaError
 

@@ -11,7 +11,8 @@ import sys
 from loretta.errors import LorettaError
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line parser (no side effects); unknown --section.field=value are overrides."""
     ap = argparse.ArgumentParser(
         prog="loretta-pretrain",
         description="Pretrain a LoReTTa decoder with DeepSpeed ZeRO-3. Any --section.field=value "
@@ -22,7 +23,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     ap.add_argument("--dry-run", action="store_true", help="check config, data and one batch")
     ap.add_argument("--print-config", action="store_true", help="print the resolved config")
     ap.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return ap.parse_known_args(argv)
+    return ap
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    return build_parser().parse_known_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

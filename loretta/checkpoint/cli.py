@@ -57,15 +57,19 @@ def _convert_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _inspect(args_in: list[str]) -> int:
-    from loretta.checkpoint.verify import inspect
-
+def _inspect_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="loretta-convert inspect")
     ap.add_argument("src")
     ap.add_argument("--step", type=int, default=None)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--no-checksum", action="store_true", help="headers only (fast)")
-    a = ap.parse_args(args_in)
+    return ap
+
+
+def _inspect(args_in: list[str]) -> int:
+    from loretta.checkpoint.verify import inspect
+
+    a = _inspect_parser().parse_args(args_in)
     report = inspect(a.src, a.step, checksums=not a.no_checksum)
     if a.json:
         print(json.dumps(report))
@@ -74,16 +78,20 @@ def _inspect(args_in: list[str]) -> int:
     return 0
 
 
-def _verify(args_in: list[str]) -> int:
-    from loretta.checkpoint.verify import verify
-
+def _verify_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="loretta-convert verify")
     ap.add_argument("a")
     ap.add_argument("b")
     ap.add_argument("--atol", type=float, default=0.0, help="0: bitwise (default)")
     ap.add_argument("--step", type=int, default=None, help="step of A (run dir)")
     ap.add_argument("--json", action="store_true")
-    a = ap.parse_args(args_in)
+    return ap
+
+
+def _verify(args_in: list[str]) -> int:
+    from loretta.checkpoint.verify import verify
+
+    a = _verify_parser().parse_args(args_in)
     report = verify(a.a, a.b, a.atol, a.step)
     if a.json:
         print(json.dumps(report))
@@ -123,6 +131,15 @@ def _convert(args_in: list[str]) -> int:
     )
     print(f"wrote {out}", file=sys.stderr)
     return 0
+
+
+def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, list[str]]:
+    """The parser that main() uses for these arguments (convert, inspect or verify: the first
+    word picks one) and the arguments it parses; no side effects."""
+    parsers = {"inspect": _inspect_parser, "verify": _verify_parser}
+    if argv and argv[0] in parsers:
+        return parsers[argv[0]](), argv[1:]
+    return _convert_parser(), argv[1:] if argv and argv[0] == "convert" else argv
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -308,7 +308,8 @@ def run(
     return metrics
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line parser (no side effects); unknown --section.field=value go to training."""
     ap = argparse.ArgumentParser(
         prog="loretta-demo",
         description=__doc__,
@@ -328,7 +329,11 @@ def main(argv: list[str] | None = None) -> int:
         default=[],
         help="SVL-digits data override, e.g. --svl image_side=14 (repeatable)",
     )
-    a, extra = ap.parse_known_args(sys.argv[1:] if argv is None else argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a, extra = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
     preset = PRESETS[a.preset]
     for item in a.svl:
         key, _, value = item.partition("=")
