@@ -88,8 +88,10 @@ def evaluate_model(
     ev: EvalData,
     seen_items: int,
     decoding: tuple[float, int],
+    only_missing: bool = False,
 ) -> dict[str, Any]:
-    """Every score of one model on one split (ev), plus classifiers fit on training splits."""
+    """Every score of one model on one split (ev), plus classifiers fit on training splits.
+    only_missing: just the missing pair's retrieval and by-generation scores."""
     from loretta.eval import (
         fit_linear,
         generate_modality,
@@ -106,7 +108,7 @@ def evaluate_model(
     g_labels = y[ev.gallery]
     own = {int(j): k for k, j in enumerate(ev.gallery)}
     seen_q = balanced(y, max(1, seen_items // 10), seed=2)
-    for src, dst in MISSING + SEEN:
+    for src, dst in MISSING + ([] if only_missing else SEEN):
         q = np.arange(len(items)) if (src, dst) in MISSING else seen_q
         exclude = [own.get(int(i), -1) for i in q]
         _, correct = retrieval(
@@ -125,7 +127,7 @@ def evaluate_model(
     # training samples of dst; the generator pairs say what the transitive documents carry
     temperature, top_k = decoding
     classifiers: dict[str, Any] = {}
-    for src, dst in MISSING + GENERATOR:
+    for src, dst in MISSING + ([] if only_missing else GENERATOR):
         if dst not in classifiers:
             real, labels = labelled(str(data[TRAIN_SPLIT[dst]]), [dst], limit=2000)
             classifiers[dst] = fit_linear(
@@ -146,6 +148,8 @@ def evaluate_model(
         res["acc"][f"generation/{src}->{dst}"] = float(correct.mean())
         if (src, dst) in MISSING:
             res["items"][f"generation/{src}->{dst}"] = correct.tolist()
+    if only_missing:
+        return res
     fit, y_fit = ev.probe_fit
     docs = [[("image", s["image"]), ("speech", s["speech"])] for s in fit]
     f_fit = pooled_features(model, layout, docs)
