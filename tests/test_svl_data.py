@@ -232,10 +232,14 @@ def test_foreign_dataset_folder_is_not_replaced(tmp_path: Path) -> None:
 def test_cli_finds_the_cached_build_and_reports_errors(built: Path) -> None:
     cmd = [sys.executable, str(REPO / "tools" / "build_svl_digits.py")]
     ok = subprocess.run(
-        [*cmd, str(built), "--preset", "tiny"], capture_output=True, text=True, timeout=120
+        [*cmd, str(built), "--preset", "tiny", "--missing_pair=true"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert ok.returncode == 0, ok.stderr
     assert "up to date" in ok.stdout and "test: 60 samples, image+speech+text" in ok.stdout
+    assert "val: 60 samples, image+speech+text" in ok.stdout
     bad = subprocess.run(
         [*cmd, str(built), "--preset", "tiny", "--image_levels=1"],
         capture_output=True,
