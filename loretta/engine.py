@@ -199,9 +199,10 @@ class Engine:
 
     def load(self, folder: Path, universal: bool = False) -> dict[str, Any]:
         tag = "universal" if universal else "ds"
-        path, client = self.ds.load_checkpoint(
-            str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
+        with weights_only_loads():
+            path, client = self.ds.load_checkpoint(
+                str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
         if path is None:
             raise FileNotFoundError(f"DeepSpeed found no checkpoint in {folder}/{tag}")
         return client or {}
@@ -331,15 +332,52 @@ def build_engine(
     return Engine(ds_engine, ds_config)
 
 
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Inside the block every torch.load runs with weights_only=True.
+
+    DeepSpeed reads its checkpoint files with an unrestricted torch.load, which would run
+    any callable a pickle names. Here only tensors, containers and DeepSpeed's own plain
+    records (the ZeRO stage enum, loss scalers) can be rebuilt; anything else fails to load."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    real = torch.load
+
+    def load(*args: Any, **kwargs: Any) -> Any:
+        kwargs["weights_only"] = True
+        return real(*args, **kwargs)
+
+    allowed = [ZeroStageEnum, LossScaler, DynamicLossScaler, set, frozenset, slice]
+    with torch.serialization.safe_globals(allowed):
+        torch.load = load  # type: ignore[assignment]
+        try:
+            yield
+        finally:
+            torch.load = real  # type: ignore[assignment]
+
+
+def _universal_main(argv: list[str]) -> None:
+    """`python -m loretta.engine --universal ARGS`: ds_to_universal with weights-only loads."""
+    import runpy
+    import sys
+
+    sys.argv = ["ds_to_universal", *argv]
+    with weights_only_loads():
+        runpy.run_module("deepspeed.checkpoint.ds_to_universal", run_name="__main__")
+
+
 def convert_to_universal(src: Path, dst: Path) -> None:
-    """DeepSpeed's universal-checkpoint conversion (for resuming at another world size)."""
+    """DeepSpeed's universal-checkpoint conversion (for resuming at another world size), its
+    loads weights-only (see weights_only_loads)."""
     import subprocess
     import sys
 
     cmd = [
         sys.executable,
         "-m",
-        "deepspeed.checkpoint.ds_to_universal",
+        "loretta.engine",
+        "--universal",
         "--input_folder",
         str(src),
         "--output_folder",
@@ -355,3 +393,11 @@ def convert_to_universal(src: Path, dst: Path) -> None:
         raise RuntimeError(
             f"ds_to_universal failed on {src}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
         )
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] != ["--universal"]:
+        sys.exit("usage: python -m loretta.engine --universal DS_TO_UNIVERSAL_ARGS")
+    _universal_main(sys.argv[2:])

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -217,3 +218,28 @@ def test_a_checkpoint_from_before_manifests(tmp_path: Path) -> None:
     torch.save(ckpt.rng_state(), d / "rng" / "rank_00000.pt")
     (problem,) = ckpt.check_folder(d)
     assert "rank_00000.pt: an RNG file in the old pickle format" in problem
+
+
+class _Planted:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, ("touch planted-ran",))
+
+
+def test_deepspeed_loads_are_weights_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every torch.load inside engine.weights_only_loads (DeepSpeed's checkpoint reads) refuses
+    a pickled callable even when it asks for weights_only=False: nothing runs."""
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    from loretta.engine import weights_only_loads
+
+    monkeypatch.chdir(tmp_path)
+    evil, ok = tmp_path / "evil.pt", tmp_path / "ok.pt"
+    torch.save({"module": torch.zeros(2), "evil": _Planted()}, evil)
+    torch.save({"m": torch.ones(1), "stage": ZeroStageEnum.weights, "s": {1, 2}}, ok)
+    with weights_only_loads(), pytest.raises(pickle.UnpicklingError):
+        torch.load(evil, weights_only=False)  # what DeepSpeed asks for
+    assert not (tmp_path / "planted-ran").exists()
+    with weights_only_loads():  # tensors and DeepSpeed's own records still load
+        got = torch.load(ok, weights_only=False)
+    assert torch.equal(got["m"], torch.ones(1)) and got["stage"] == ZeroStageEnum.weights
+    assert torch.load is not None and torch.load.__name__ == "load"  # restored

@@ -287,7 +287,10 @@ def copy_step(run: Path, tmp: Path) -> Path:
 
 def flat_record(path: Path) -> tuple[int, int]:
     """(file offset, bytes) of rank file `path`'s first fp32 flat group, found by its bytes."""
-    sd = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
+    from loretta.engine import weights_only_loads
+
+    with weights_only_loads():
+        sd = torch.load(path, map_location="cpu")["optimizer_state_dict"]
     data = sd["fp32_flat_groups"][0].detach().numpy().tobytes()
     start = path.read_bytes().find(data)
     assert start > 0

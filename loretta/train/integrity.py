@@ -147,10 +147,11 @@ def total_bytes(folder: Path) -> int:
 
 
 # ---- pickles DeepSpeed will load ---------------------------------------------------------------
-# DeepSpeed reads its own checkpoint files with torch.load(weights_only=False), which runs any
-# callable a pickle names. Before it does, every .pt file's pickle is read as opcodes (nothing
-# is executed) and each global it references must be one of these: torch's tensor rebuilders,
-# storages, dtypes and sizes, plain containers, and DeepSpeed's own config enums.
+# DeepSpeed's own loads run weights-only (loretta.engine.weights_only_loads). Before any
+# process group starts, every .pt file's pickle is also read as opcodes (nothing is executed)
+# and each global it references must be one of these: torch's tensor rebuilders, storages,
+# dtypes and sizes, plain containers, and DeepSpeed's own config enums, so a hostile file is
+# reported by name up front rather than failing inside DeepSpeed.
 SAFE_GLOBALS = {
     ("collections", "OrderedDict"),
     ("builtins", "set"),
