@@ -159,6 +159,14 @@ def write_report(report: Path, s: dict[str, Any], meta: dict[str, Any]) -> None:
     (report / "summary.md").write_text("\n".join(lines) + "\n")
 
 
+def run_records(method: str, run: Path) -> list[dict[str, Any]]:
+    """A run's metrics.jsonl records; a branch's come after its trunk's up to the branch."""
+    files = [run / "metrics.jsonl"]
+    if METHODS[method].branch:
+        files.insert(0, run.parent / f"{TRUNK}-{run.name.split('-')[-1]}" / "metrics.jsonl")
+    return [json.loads(x) for f in files if f.exists() for x in f.read_text().splitlines()]
+
+
 def loss_plot(runs: dict[str, Path], out: Path) -> None:
     import matplotlib
 
@@ -169,18 +177,12 @@ def loss_plot(runs: dict[str, Path], out: Path) -> None:
         1, len(runs), figsize=(4.2 * len(runs), 3.2), sharey=True, squeeze=False
     )
     for ax, (method, run) in zip(axes[0], runs.items()):
-        rows = []
-        for f in (
-            run / "metrics.jsonl",
-            run.parent / f"{TRUNK}-{run.name.split('-')[-1]}" / "metrics.jsonl",
-        ):
-            if f.exists():
-                rows += [json.loads(x) for x in f.read_text().splitlines()]
+        rows = run_records(method, run)
         # a resumed run logs the steps after its checkpoint again: keep each step's last record
         by_step: dict[int, dict[str, Any]] = {}
         for r in rows:
             if "loss" in r and "event" not in r:
-                by_step.setdefault(r["step"], r)
+                by_step[r["step"]] = r
         rows = [by_step[s] for s in sorted(by_step)]
         keys = sorted({k for r in rows for k in r if k.startswith("loss/dir/") and "->" in k})
         for k in keys:
@@ -206,20 +208,12 @@ def monitor_plot(runs: dict[str, Path], out: Path) -> bool:
 
     curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for method, run in runs.items():
-        seed = run.name.split("-")[-1]
-        files = [run / "metrics.jsonl"]
-        if METHODS[method].branch:
-            files.insert(0, run.parent / f"{TRUNK}-{seed}" / "metrics.jsonl")
-        for f in files:
-            if not f.exists():
-                continue
-            for line in f.read_text().splitlines():
-                r = json.loads(line)
-                for k, v in r.items():
-                    if k.startswith("monitor/"):
-                        curves.setdefault(k.removeprefix("monitor/"), {}).setdefault(
-                            method, []
-                        ).append((r["step"], v))
+        for r in run_records(method, run):
+            for k, v in r.items():
+                if k.startswith("monitor/"):
+                    curves.setdefault(k.removeprefix("monitor/"), {}).setdefault(method, []).append(
+                        (r["step"], v)
+                    )
     if not curves:
         return False
     keys = sorted(curves)
