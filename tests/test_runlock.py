@@ -45,6 +45,29 @@ def test_a_dead_jobs_lock_is_taken_over(tmp_path: Path, capfd: pytest.CaptureFix
     lock.release()
 
 
+def test_a_forked_child_does_not_keep_a_dead_jobs_lock(tmp_path: Path) -> None:
+    # DataLoader workers are forked from the trainer; flock is shared across fork, so without
+    # care a worker outliving its trainer would keep the folder locked
+    run = tmp_path / "run"
+    code = (
+        "import os, sys, time; from pathlib import Path; "
+        "from loretta.train.runlock import hold_run_dir; "
+        f"l = hold_run_dir(Path({str(run)!r})); pid = os.fork()\n"
+        "if pid == 0:\n    os.closerange(0, 3); time.sleep(60); os._exit(0)\n"
+        "print(pid, flush=True); os.kill(os.getpid(), 9)"
+    )
+    res = subprocess.run([PY, "-c", code], env=base_env(), capture_output=True, text=True)
+    assert res.returncode == -9, res.stderr
+    child = int(res.stdout.split()[0])
+    try:
+        assert not _gone(child)  # the forked child still runs ...
+        lock = hold_run_dir(run)  # ... and yet the folder is free
+        assert lock is not None
+        lock.release()
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
 def _gone(pid: int) -> bool:
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

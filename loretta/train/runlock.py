@@ -21,6 +21,7 @@ import socket
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 from loretta.errors import LorettaError
@@ -33,11 +34,30 @@ class RunDirBusy(LorettaError):
     """Another live job holds the run folder."""
 
 
+_HELD: weakref.WeakSet[RunLock] = weakref.WeakSet()
+
+
+def _drop_in_child() -> None:
+    # flock belongs to the open file description, which fork() shares: a forked child (a
+    # DataLoader worker) would keep the run folder locked after its trainer died. The child
+    # closes its copy; the parent's copy keeps the lock.
+    for lock in list(_HELD):
+        if lock.fd >= 0:
+            os.close(lock.fd)
+            lock.fd = -1
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_drop_in_child)
+
+
 class RunLock:
     def __init__(self, path: Path, fd: int) -> None:
         self.path, self.fd = path, fd
+        _HELD.add(self)
 
     def release(self) -> None:
+        _HELD.discard(self)
         if self.fd >= 0:
             os.close(self.fd)  # closing the file drops the flock
             self.fd = -1
