@@ -106,10 +106,18 @@ class _Planner:
         self.builder, self.links, self.reserve = builder, links, reserve
         self.p_trans = cfg.objective.transitive_prob
         self.p_all = cfg.objective.all_modalities_prob
-        # transitive documents start after this many global rows (objective.transitive_start
-        # is a fraction of run.steps); a row count keeps the stream a function of position
+        # transitive documents start at this global row: objective.transitive_start is a
+        # fraction of run.steps, turned into rows once, with the world size the run *starts*
+        # at. The row is saved in the loader state (`state_dict`), so a run resumed at another
+        # world size, or with run.steps raised, keeps the same transitive decisions.
         rows_per_step = cfg.data.micro_batch_size * cfg.optim.grad_accum_steps * world
         self.start_row = int(cfg.objective.transitive_start * cfg.run.steps) * rows_per_step
+
+    def state_dict(self) -> dict[str, int]:
+        return {"transitive_start_row": self.start_row}
+
+    def load_state_dict(self, s: dict[str, int]) -> None:
+        self.start_row = int(s["transitive_start_row"])
 
     def __call__(
         self, source: int, sample: int, epoch: int, lengths: np.ndarray, h: int, row: int = 0

@@ -126,7 +126,14 @@ class GlobalStream:
             "packer": self.packer.state_dict(),
             "skipped": dict(self.skipped),
             "sources": [s.name for s in self.sources],
+            # decisions fixed when the run started (the transitive start row), so that they
+            # do not depend on the world size or run.steps of a resumed job
+            "planner": self.planner_state(),
         }
+
+    def planner_state(self) -> dict[str, Any]:
+        get = getattr(self.planner, "state_dict", None)
+        return dict(get()) if get is not None else {}
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
         names = [src.name for src in self.sources]
@@ -141,6 +148,18 @@ class GlobalStream:
         self.mixer.load_state_dict(s["mixer"])
         self.packer.load_state_dict(s["packer"])
         self.skipped = dict(s.get("skipped", {}))
+        saved, load = s.get("planner"), getattr(self.planner, "load_state_dict", None)
+        if load is not None:
+            if saved:
+                load(saved)
+            else:
+                log.warning(
+                    "loader state without the planner's start-time decisions (saved by an "
+                    "older version): the transitive start row is recomputed from this job's "
+                    "world size and run.steps (%s); resume at the original world size and "
+                    "run.steps to keep the same stream",
+                    self.planner_state(),
+                )
 
 
 class RowWriter:
@@ -201,6 +220,7 @@ class RowWriter:
     def write(self, rows: list[list[DocPlan]]) -> dict[str, Any]:
         out = self.empty(len(rows))
         docs, gen_docs, bad = [], [], []
+        blocks: list[list[list[int]]] = []  # per document: (modality, n, gen_from) per block
         for r, row in enumerate(rows):
             view = {k: v[r] for k, v in out.items()}
             pos = 0
@@ -227,6 +247,7 @@ class RowWriter:
                                     own[b.gen_from] = self.control_prompt(ds, plan, b.gen_from)
                         gen_docs.append((r, pos, d, plan, own))
                     docs.append((r, plan.source, plan.sample, plan.epoch))
+                    blocks.append([list(b) for b in plan.blocks])
                 except DataError:
                     if self.on_error == "raise":
                         raise
@@ -247,6 +268,7 @@ class RowWriter:
             -1, 4
         )  # row, source, sample, epoch
         batch["skipped_docs"] = np.asarray(bad, dtype=np.int64).reshape(-1, 4)
+        batch["doc_blocks"] = blocks
         batch["gen_docs"] = gen_docs  # (row, start, doc index, plan, {modality: local ids})
         return batch
 

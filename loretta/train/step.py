@@ -47,6 +47,7 @@ class MicroBatch:
     mix_tokens: list[int]
     worker: int
     read_errors: int
+    doc_blocks: Any = None  # per document: its blocks [(modality, n, gen_from)], for the audit
 
 
 @dataclass
@@ -125,6 +126,7 @@ def train_step(
                 batch["mix_tokens"],
                 batch["worker"],
                 batch["read_errors"],
+                batch.get("doc_blocks"),
             )
         )
     # one collective per step: mean loss and whether any rank got a signal

@@ -176,7 +176,7 @@ class Progress:
     def consumed(self, micro: MicroBatch, audit: Audit | None, step: int) -> None:
         self.loader_state = micro.state
         if audit is not None:
-            audit.write(step, micro.docs)
+            audit.write(step, micro.docs, micro.doc_blocks)
         self.mix_tokens = micro.mix_tokens
         self.read_errors[micro.worker] = micro.read_errors
 
@@ -212,15 +212,19 @@ def _own_checkpoint(p: Prepared) -> bool:
 
 
 class Audit:
-    """Appends the documents each step consumed: {"step", "docs": [[source, sample, epoch]]}."""
+    """Appends the documents each step consumed: {"step", "docs": [[source, sample, epoch]],
+    "blocks": [[[modality, n, gen_from], ...]]} (gen_from >= 0: a generated block)."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
 
-    def write(self, step: int, docs: Any) -> None:
+    def write(self, step: int, docs: Any, blocks: Any = None) -> None:
+        line: dict[str, Any] = {"step": step, "docs": docs[:, 1:].tolist()}
+        if blocks is not None:
+            line["blocks"] = blocks
         with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, "docs": docs[:, 1:].tolist()}) + "\n")
+            f.write(json.dumps(line) + "\n")
 
 
 # ---- the run -----------------------------------------------------------------------------
