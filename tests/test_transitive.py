@@ -267,9 +267,7 @@ def _plans(batch: dict[str, Any]) -> list[tuple[Any, ...]]:
 
 
 @pytest.mark.parametrize(("old", "new"), [(2, 1), (1, 2), (2, 3)])
-def test_elastic_resume_keeps_the_transitive_decisions(
-    abc_data: Path, old: int, new: int
-) -> None:
+def test_elastic_resume_keeps_the_transitive_decisions(abc_data: Path, old: int, new: int) -> None:
     # transitive_start=0.5 of 12 steps: the first transitive row is fixed by the world size
     # the run started at, and saved in the loader state. The job that resumes at another world
     # size, with run.steps raised, must make the same decisions (recomputing the start from its
@@ -337,8 +335,10 @@ def test_elastic_resume_of_a_loretta_run(tmp_path: Path, abc_data: Path) -> None
         over = tiny_overrides(tmp, steps=steps, data=abc_data / "ab", **{"data.audit": "true"})
         torchrun(
             nproc,
-            ["--config", "tiny_loretta", *over, f"--data.sources.1.path={abc_data / 'bc'}"]
-            + ["--objective.transitive_start=0.5", "--checkpoint.keep_last=10", *more],
+            [
+                *("--config", "tiny_loretta", *over, f"--data.sources.1.path={abc_data / 'bc'}"),
+                *("--objective.transitive_start=0.5", "--checkpoint.keep_last=10", *more),
+            ],
         )
 
     run(tmp_path / "a", 2, 6, "--checkpoint.interval=2")  # transitive from step 3 (row 48)
