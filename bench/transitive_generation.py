@@ -71,12 +71,14 @@ def worker(out: Path, a: argparse.Namespace, overrides: list[str]) -> None:
 
     device_sample = G._sample
 
-    def sample_on_host(logits, cfg, gen, t=0, masks=None):  # type: ignore[no-untyped-def]
+    def sample_on_host(logits, cfg, gen, t=0, masks=None, row_keys=None):  # type: ignore[no-untyped-def]
         # the sampler before this change: multinomial on the host, a sync per token
         logits = G._restrict(logits.float(), cfg, t, masks)
         probs = torch.softmax(logits, dim=-1)
         out = torch.multinomial(probs.cpu(), 1, generator=torch.Generator()).squeeze(-1)
         return out.to(logits.device)
+
+    keys = list(range(len(prompts)))  # keyed, batching-invariant sampling, as training samples
 
     def run(path: str) -> None:
         gen = torch.Generator().manual_seed(0)
@@ -93,12 +95,15 @@ def worker(out: Path, a: argparse.Namespace, overrides: list[str]) -> None:
                         fixed_steps=True,
                         forward=fwd,
                         compile_step=path == "compiled",
+                        row_keys=keys,
                     )
             finally:
                 G._sample = device_sample
         else:  # the module's own ZeRO-3 hooks fetch every layer for every forward
             use_cache = path == "hooks_kv"
-            generate(eng.module, prompts, sc, gen, use_cache=use_cache, fixed_steps=True)
+            generate(
+                eng.module, prompts, sc, gen, use_cache=use_cache, fixed_steps=True, row_keys=keys
+            )
 
     paths: tuple[str, ...] = ("naive", "hooks_kv", "once_kv", "host_kv")
     if a.compile_decode:
