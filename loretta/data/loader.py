@@ -1,17 +1,25 @@
 """The training data path, composed from small stages:
 
-    sources (index metadata) -> token mixer -> document planner -> packer -> global row stream
-    global rows --(rank, worker slice)--> read shards -> write rows -> batch
+    sources (index metadata) -> per-source budgets -> chunk c: documents -> planner -> packer
+    global rows of chunk c --(rank, worker slice)--> read shards -> write rows -> batch
 
-The global row stream is a pure function of (seed, sources, weights, position): it uses only
-the per-sample token counts from each dataset's index. Every DataLoader worker of every rank
-runs the same (cheap) planner and materialises only its own rows, so the rows do not depend on
-the number of workers, and the loader state (cursors, mixer counts, packing buffer: a small
-dict) is the same on every rank. Restoring it at any data-parallel world size continues the
-same global stream: nothing is repeated or skipped.
+The global row stream is a pure function of (seed, sources, weights, run-start parameters,
+position): it is cut into chunks of R = data.plan_chunk_rows rows, and chunk c is planned from c
+alone (loretta/data/chunks.py): its documents are the next budget's worth of each source's
+seeded epoch order, found by random access from the index's token counts; they are planned
+with the chunk's first row as their row, packed best fit decreasing into the R rows, and what
+does not fit goes to chunk c+1 (what fits there neither is dropped and counted). So a rank
+plans only the chunks holding its own rows and their predecessors: its cost does not grow
+with the world size, and each DataLoader worker plans only its own micro-batches.
 
 Global micro-batch group g holds rows [g*B*W, (g+1)*B*W) for micro batch B and world size W;
 rank r takes rows [g*B*W + r*B, g*B*W + (r+1)*B). Worker w of N takes groups g = w (mod N).
+
+The loader state (version 2) is small and the same on every rank: the global rows consumed,
+the run-start parameters (chunk rows, fill, per-source budgets, the planner's start-time
+decisions such as the transitive start row) and skip/drop counts. Restoring it at any world
+size continues the same global rows. A state without version 2 (written by the sequential
+planner before it) is refused with what to do.
 """
 
 from __future__ import annotations
