@@ -68,21 +68,29 @@ class Chunk:
 def estimated_lengths(meta: SourceMeta, builder: SequenceBuilder) -> np.ndarray:
     """Planned length of every sample of a plain document, from the index alone (vectorised):
     specials + sum(1 + min(n, cap)) over the used modalities, at most seq_len; 0 for a sample
-    that lacks a required modality or has none."""
-    L = np.asarray(meta.lengths, dtype=np.int64)
-    if L.ndim != 2 or len(L) == 0:
-        return np.zeros(len(L), dtype=np.int64)
-    if meta.allowed is not None:
-        L = np.where(np.asarray(meta.allowed, dtype=bool)[None, :], L, 0)
-    n = np.minimum(L, np.asarray(builder.caps, dtype=np.int64)[None, :])
-    present = n > 0
-    est = builder.specials + np.where(present, 1 + n, 0).sum(axis=1)
-    est = np.minimum(est, builder.seq_len)
-    bad = ~present.any(axis=1)
-    if meta.required:
-        bad |= (L[:, meta.required] == 0).any(axis=1)
-    est[bad] = 0
-    return est.astype(np.int64)
+    that lacks a required modality or has none. In blocks, so that a source of 10^8 samples
+    needs no temporaries of its whole size."""
+    lengths = np.asarray(meta.lengths)
+    out = np.zeros(len(lengths), dtype=np.int32)  # at most seq_len
+    if lengths.ndim != 2:
+        return out
+    caps = np.asarray(builder.caps, dtype=np.int64)[None, :]
+    allowed = None if meta.allowed is None else np.asarray(meta.allowed, dtype=bool)[None, :]
+    step = 1 << 20
+    for a in range(0, len(lengths), step):
+        L = lengths[a : a + step].astype(np.int64)
+        if allowed is not None:
+            L = np.where(allowed, L, 0)
+        n = np.minimum(L, caps)
+        present = n > 0
+        est = builder.specials + np.where(present, 1 + n, 0).sum(axis=1)
+        est = np.minimum(est, builder.seq_len)
+        bad = ~present.any(axis=1)
+        if meta.required:
+            bad |= (L[:, meta.required] == 0).any(axis=1)
+        est[bad] = 0
+        out[a : a + step] = est
+    return out
 
 
 def measures(
@@ -92,7 +100,7 @@ def measures(
     est = [estimated_lengths(s, builder) for s in sources]
     if mix_by == "tokens":
         return est, est
-    return [(e > 0).astype(np.int64) for e in est], est
+    return [(e > 0).astype(np.int32) for e in est], est
 
 
 def budgets(

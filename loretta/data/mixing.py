@@ -108,8 +108,8 @@ class SourceOrder:
 
     def __init__(self, cursor: SourceCursor, measure: np.ndarray) -> None:
         self.cursor, self.n = cursor, cursor.n
-        self.measure = np.asarray(measure, dtype=np.int64)
-        cs = np.concatenate([[0], np.cumsum(self.measure)])
+        self.measure = np.asarray(measure)  # small non-negative ints (int32 is enough)
+        cs = np.concatenate([[0], np.cumsum(self.measure, dtype=np.int64)])
         starts, counts = cursor.starts, cursor.counts
         self.shard_total = cs[starts + counts] - cs[starts]
         self.total = int(cs[-1])
@@ -128,7 +128,9 @@ class SourceOrder:
         if hit is None:
             perm = self.cursor.shard_perm(epoch, shard)
             start = int(self.cursor.starts[shard])
-            hit = self._locals.put((epoch, shard), np.cumsum(self.measure[start + perm]))
+            hit = self._locals.put(
+                (epoch, shard), np.cumsum(self.measure[start + perm], dtype=np.int64)
+            )
         return hit  # type: ignore[no-any-return]
 
     def first_at(self, t: int) -> int:
