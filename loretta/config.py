@@ -17,8 +17,10 @@ from loretta.configlib import (
     merge_problems,
     read_source,
 )
+from loretta.data.remote import RETRIES, TIMEOUT_S, FetchOptions
 from loretta.errors import ConfigError
 from loretta.model.config import DecoderConfig
+from loretta.units import parse_size
 
 Precision = Literal["fp32", "bf16", "fp16"]
 
@@ -244,6 +246,9 @@ class DataConfig:
     max_skipped: int = 1000  # skip policy: raise after this many bad samples
     verify_checksums: bool = False
     cache_dir: str = ""  # local copies of remote shards ('' = ~/.cache/loretta/shards)
+    cache_limit: str = ""  # cache size bound, e.g. 50GB / 10GiB; LRU eviction ('' = none)
+    download_retries: int = RETRIES  # attempts per remote file
+    download_timeout_s: float = TIMEOUT_S  # per connect and per read (http), per command (pipe:)
     audit: bool = False  # write every consumed (step, source, sample, epoch) to <run_dir>/audit/
 
     def problems(self, p: str = "data") -> list[str]:
@@ -310,7 +315,29 @@ class DataConfig:
                 out.append(f"{p}.sequence.max_tokens.{m}={n}: must be >= 1")
         if len(set(self.sequence.fixed_order)) != len(self.sequence.fixed_order):
             out.append(f"{p}.sequence.fixed_order={self.sequence.fixed_order}: has duplicates")
+        if self.cache_limit:
+            try:
+                parse_size(self.cache_limit, f"{p}.cache_limit")
+            except ValueError as e:
+                out.append(f"{e}; or empty for no limit")
+        if not 1 <= self.download_retries <= 100:
+            out.append(
+                f"{p}.download_retries={self.download_retries}: must be in [1, 100] (attempts "
+                f"per remote file, e.g. {RETRIES})"
+            )
+        if not 0 < self.download_timeout_s <= 3600:
+            out.append(
+                f"{p}.download_timeout_s={self.download_timeout_s}: must be in (0, 3600] "
+                f"(seconds per connect or read, e.g. {TIMEOUT_S:g})"
+            )
         return out
+
+    def fetch_options(self) -> FetchOptions:
+        """How remote files are fetched and cached (config validated: the size parses)."""
+        limit = parse_size(self.cache_limit, "data.cache_limit") if self.cache_limit else 0
+        return FetchOptions(
+            retries=self.download_retries, timeout_s=self.download_timeout_s, cache_limit=limit
+        )
 
 
 @dataclass

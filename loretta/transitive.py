@@ -219,12 +219,20 @@ class TransitiveObjective(Objective):
                                 continue
                             last = wave == len(path) - 2
                             prompt = self.prompt(path[wave], inputs[d][path[wave]], modality)
+                            # the sampling noise of a generated block is a function of the
+                            # document and block alone: the same tokens whatever rank, micro-
+                            # batch or generation batch the document lands in
+                            key = mix64(
+                                self.cfg.run.seed, 0x6E0153, plan.source, plan.sample,
+                                plan.epoch, k, wave,
+                            )  # fmt: skip
                             jobs.append(
                                 (
                                     d,
                                     k if last else -1,
                                     prompt,
                                     b.n if last else self.reserve[modality],
+                                    key,
                                 )
                             )
                     made += self._generate(
@@ -286,7 +294,8 @@ class TransitiveObjective(Objective):
         for c in range(n_chunks):
             chunk = jobs[c * bs : (c + 1) * bs]
             # a rank with nothing to generate still runs the call: the others wait on it
-            prompts = [p for (_, _, p, _) in chunk] or [torch.tensor([lay.bos_id])]
+            prompts = [p for (_, _, p, _, _) in chunk] or [torch.tensor([lay.bos_id])]
+            keys = [key for (*_, key) in chunk] or [0]
             seed = mix64(self.cfg.run.seed, int(batch.get("first_row", 0)), wave, modality, c)
             gen = torch.Generator().manual_seed(seed % (2**63))
             out, lens = generate(
@@ -298,8 +307,9 @@ class TransitiveObjective(Objective):
                 fixed_steps=True,
                 forward=fwd,
                 compile_step=self.cfg.objective.generation.compile_decode,
+                row_keys=keys,
             )
-            for (d, k, _, n), row, ln in zip(chunk, out.cpu(), lens.cpu()):
+            for (d, k, _, n, _), row, ln in zip(chunk, out.cpu(), lens.cpu()):
                 ids = (row[: min(int(ln), n)].numpy() - off).astype(np.int64)
                 made += len(ids)
                 if k >= 0:

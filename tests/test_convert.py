@@ -130,6 +130,40 @@ def test_consolidated_equals_deepspeed_zero_to_fp32(
         assert all(torch.equal(half[n], t.to(torch.bfloat16)) for n, t in ref.items())
 
 
+def test_deepspeeds_own_zero_to_fp32_reads_a_step_folder_without_a_tag(
+    run_a: Path, tmp_path: Path
+) -> None:
+    """The step folder carries DeepSpeed's `latest` tag file (listed in the manifest), so
+    `zero_to_fp32.py . OUT` run inside it and `get_fp32_state_dict_from_zero_checkpoint(step)`
+    work as DeepSpeed users call them, and give our converter's tensors exactly."""
+    import deepspeed.utils.zero_to_fp32 as z
+
+    step = step_of(run_a)
+    assert (step / "latest").read_text() == "ds"
+    assert "latest" in json.loads((step / "manifest.json").read_text())["files"]
+    main([str(step), str(tmp_path / "ours"), "--to", "safetensors", "--no-progress"])
+    ours = st_dict(tmp_path / "ours")
+    ref = dict(z.get_fp32_state_dict_from_zero_checkpoint(str(step)))  # no tag
+    assert list(ours) and set(ref) == set(ours)
+    assert all(torch.equal(ref[n], t) for n, t in ours.items())
+    out = tmp_path / "ds_out"
+    # the copy DeepSpeed leaves in the folder (run from deepspeed/utils/, the script's folder
+    # comes first on sys.path and its torch.py shadows torch), run as users do: from inside it
+    assert (step / "zero_to_fp32.py").read_text() == Path(z.__file__).read_text()
+    res = subprocess.run(
+        [PY, "zero_to_fp32.py", ".", str(out), "--safe_serialization"],
+        cwd=step,
+        env=base_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    script = st_dict(out)
+    assert set(script) == set(ours)
+    assert all(torch.equal(script[n], t) for n, t in ours.items())
+
+
 # ---- Hugging Face export ------------------------------------------------------------------------
 @pytest.mark.parametrize("which", ["a", "b"])
 def test_hf_export_loads_in_transformers_with_our_logits(

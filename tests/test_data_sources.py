@@ -22,7 +22,7 @@ from loretta.config import SourceConfig, load_config
 from loretta.data.format import npy_bytes, read_manifest
 from loretta.data.loader import ROW_FIELDS, build_loader
 from loretta.data.mds import MdsDataset
-from loretta.data.remote import cache_path, download, fetch, join_url
+from loretta.data.remote import FetchOptions, cache_path, download, fetch, join_url
 from loretta.data.shards import ShardDataset, write_dataset
 from loretta.data.sources import open_dataset
 from loretta.data.tools import main
@@ -34,6 +34,7 @@ pytestmark = pytest.mark.usefixtures("private_tmpdir")  # streaming's file locks
 
 LAYOUT = VocabLayout.build({"image": 256, "text": 1000}, fixed_lengths={"image": 16})
 Cli = Callable[..., tuple[int, str, str]]
+ONCE = FetchOptions(retries=1, timeout_s=2)
 
 
 @pytest.fixture
@@ -154,7 +155,7 @@ def test_pipe_runs_one_program_without_a_shell(tmp_path: Path) -> None:
     assert got.read_bytes() == b"payload"
     marker = tmp_path / "pwned"
     with pytest.raises(DataError, match="could not fetch"):  # ';' is an argument, not a shell
-        fetch(f"pipe:cat {tmp_path}/src/{{}}; touch {marker}", "a.bin", tmp_path / "c2", retries=1)
+        fetch(f"pipe:cat {tmp_path}/src/{{}}; touch {marker}", "a.bin", tmp_path / "c2", opts=ONCE)
     assert not marker.exists() and not (tmp_path / "c2" / "a.bin").exists()
     with pytest.raises(DataError, match="where the file name goes"):
         join_url("pipe:cat /data/x", "a.bin")
@@ -167,10 +168,10 @@ def test_a_failed_download_leaves_nothing_behind(tmp_path: Path) -> None:
     url = f"pipe:{shlex.quote(PY)} -c {shlex.quote(script)} {{}}"
     cache = tmp_path / "cache"
     with pytest.raises(DataError, match=r"\(2 attempts\).*exited with 3"):
-        fetch(url, "shard-000000.tar", cache, retries=2)
+        fetch(url, "shard-000000.tar", cache, opts=FetchOptions(retries=2, backoff_s=0.01))
     assert list(cache.iterdir()) == []
     with pytest.raises(DataError, match="HTTP 404|could not fetch"):
-        download("http://127.0.0.1:9/none", tmp_path / "x", retries=1, timeout=2)
+        download("http://127.0.0.1:9/none", tmp_path / "x", opts=ONCE)
     assert not (tmp_path / "x").exists()
 
 

@@ -137,3 +137,35 @@ def test_compiled_decode_step_gives_the_recorded_tokens() -> None:
         make(), prompts(), cfg, torch.Generator().manual_seed(123), compile_step=True
     )
     assert got.tolist() == out and got_lens.tolist() == lens
+
+
+def test_keyed_sampling_does_not_depend_on_the_batch() -> None:
+    """With row keys a row's tokens depend on its prompt and key only: the same whether it is
+    generated alone, with others, or in another order (what makes a LoReTTa step the same at
+    any world size or micro-batch size)."""
+    model, ps = make(), prompts()
+    cfg = SamplingConfig(max_new_tokens=10, temperature=1.0, allowed=(20, 80), stop_ids=(2,))
+    keys = [11, 2**63 + 5, 7, 2**64 - 1]
+    together, lens = generate(model, ps, cfg, None, row_keys=keys)
+    for i in range(len(ps)):
+        alone, n = generate(model, [ps[i]], cfg, None, row_keys=[keys[i]])
+        assert torch.equal(alone[0], together[i]) and n[0] == lens[i], i
+    rev, _ = generate(model, ps[::-1], cfg, None, row_keys=keys[::-1])
+    assert torch.equal(rev.flip(0), together)
+    other, _ = generate(model, ps, cfg, None, row_keys=[k + 1 for k in keys])
+    assert not torch.equal(other, together)  # the key is the noise
+
+
+def test_keyed_sampling_has_the_softmax_distribution() -> None:
+    from loretta.model.generate import _sample
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 6) * 1.5
+    cfg = SamplingConfig(max_new_tokens=1, temperature=0.8)
+    n = 20000
+    keys = torch.arange(n, dtype=torch.int64) * 7919 + 3
+    ids = _sample(logits.expand(n, 6), cfg, None, 0, None, keys)
+    freq = torch.bincount(ids, minlength=6).double() / n
+    want = torch.softmax(logits[0].double() / 0.8, -1)
+    # binomial standard error at n=20000 is <= 0.0036; 5 sigma
+    assert (freq - want).abs().max() < 0.018, (freq, want)

@@ -304,7 +304,8 @@ def open_sources(cfg: DataConfig, seed: int) -> tuple[list[Any], VocabLayout]:
 
     datasets, layout = [], None
     for i, s in enumerate(cfg.sources):
-        ds = open_dataset(source_path(s, f"data.sources.{i}"), cfg.cache_dir, cfg.verify_checksums)
+        path = source_path(s, f"data.sources.{i}")
+        ds = open_dataset(path, cfg.cache_dir, cfg.verify_checksums, cfg.fetch_options())
         if layout is None:
             layout = ds.layout
         else:

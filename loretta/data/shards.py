@@ -49,7 +49,7 @@ from loretta.data.format import (
     sha256_file,
     token_dtype,
 )
-from loretta.data.remote import cache_folder, cache_path, fetch, is_url
+from loretta.data.remote import FetchOptions, cache_folder, cache_path, fetch, is_url
 from loretta.errors import DataError
 from loretta.vocab import VocabLayout
 
@@ -352,16 +352,19 @@ class ShardDataset:
         verify_checksums: bool = False,
         max_open: int = 64,
         verify_samples: bool = True,
+        fetch_options: FetchOptions | None = None,
     ) -> None:
         """`verify_checksums`: also check each shard's sha256 when it is first opened.
         `verify_samples` (default on; off only to measure its cost): check every member read
-        against its CRC32 in the index."""
+        against its CRC32 in the index. `fetch_options`: retries, timeout and cache limit of a
+        URL dataset's downloads."""
         self.path = path
         self.remote = is_url(path)
         self.local = cache_folder(path, cache_dir)
+        self.fetch_options = fetch_options
         if self.remote:
-            fetch(path, "manifest.json", self.local)
-            fetch(path, "index.npy", self.local)
+            fetch(path, "manifest.json", self.local, opts=fetch_options)
+            fetch(path, "index.npy", self.local, opts=fetch_options)
         elif not self.local.is_dir():
             raise DataError(f"dataset folder {path!r} does not exist")
         self.manifest = read_manifest(self.local / "manifest.json")
@@ -436,7 +439,7 @@ class ShardDataset:
         info = self.manifest.shards[sid]
         f_path = cache_path(self.local, info.name, "shard name")
         if self.remote:
-            fetch(self.path, info.name, self.local, where="shard name")
+            fetch(self.path, info.name, self.local, where="shard name", opts=self.fetch_options)
         if self.verify_checksums and sid not in self._verified:
             digest = sha256_file(f_path)
             if digest != info.sha256:

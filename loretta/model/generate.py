@@ -71,17 +71,52 @@ def _restrict(
     return logits
 
 
+def _signed(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+_M1, _M2 = _signed(0xBF58476D1CE4E5B9), _signed(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (multiplication wraps modulo 2^64)."""
+    x = (x ^ _shr(x, 30)) * _M1
+    x = (x ^ _shr(x, 27)) * _M2
+    return x ^ _shr(x, 31)
+
+
+def keyed_uniform(keys: torch.Tensor, t: int, n: int) -> torch.Tensor:
+    """(N,) int64 keys -> (N, n) uniforms in (0, 1): a pure function of (key, t, column), so a
+    row's noise does not depend on which other rows share its batch or on their order."""
+    col = torch.arange(n, device=keys.device, dtype=torch.int64)
+    step = _signed(((t + 1) * 0x9E3779B97F4A7C15) & (2**64 - 1))
+    h = _mix(_mix(keys[:, None] ^ _mix(col[None, :] ^ step)))
+    return (_shr(h, 11).double() + 0.5) * 2.0**-53
+
+
 def _sample(
     logits: torch.Tensor,
     cfg: SamplingConfig,
     gen: torch.Generator | None,
     t: int = 0,
     masks: tuple[torch.Tensor, torch.Tensor] | None = None,
+    row_keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """(N, V) logits -> (N,) ids, on the logits' device (no host sync): `gen` must live there."""
+    """(N, V) logits -> (N,) ids, on the logits' device (no host sync): `gen` must live there.
+    With `row_keys` (N,) the draw is Gumbel-max with noise that is a function of (key, t,
+    token) alone: the same distribution, but batching-invariant."""
     logits = _restrict(logits.float(), cfg, t, masks)
     if cfg.temperature <= 0:
         return logits.argmax(-1)
+    if row_keys is not None:
+        u = keyed_uniform(row_keys, t, logits.shape[-1])
+        gumbel = -torch.log(-torch.log(u))
+        return (logits.double() + gumbel).argmax(-1)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
@@ -115,6 +150,7 @@ def generate(
     check_every: int = 8,
     static_cache: bool | None = None,
     compile_step: bool = False,
+    row_keys: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample continuations of `prompts`.
 
@@ -146,6 +182,10 @@ def generate(
     stop = torch.tensor(list(cfg.stop_ids) or [-1], device=device)
     gen = device_generator(generator, device)
     masks = _keep_masks(cfg, model.cfg.vocab_size, device)
+    keys = None
+    if row_keys is not None:
+        assert len(row_keys) == len(prompts), (len(row_keys), len(prompts))
+        keys = torch.tensor([_signed(k & (2**64 - 1)) for k in row_keys], device=device)
 
     cache = None
     step = fwd
@@ -162,7 +202,7 @@ def generate(
     # no host sync in this loop (no .item(), .cpu(), bool(tensor)) except the early-stop check
     # every `check_every` tokens when steps are not fixed: the device runs ahead of Python
     for t in range(cfg.max_new_tokens):
-        nxt = _sample(logits, cfg, gen, t, masks)
+        nxt = _sample(logits, cfg, gen, t, masks, keys)
         is_stop = torch.isin(nxt, stop) & ~done
         newly = ~done & ~is_stop
         out[:, t] = torch.where(newly, nxt, torch.full_like(nxt, cfg.pad_id))

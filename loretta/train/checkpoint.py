@@ -4,6 +4,8 @@
       latest                  name of the newest complete checkpoint (written last, atomically)
       step_00000100/
         ds/                   DeepSpeed ZeRO state (every rank's partition)
+        latest                "ds": DeepSpeed's own tag file, so its tools (zero_to_fp32.py) find
+                              ds/ when given the step folder without --tag
         universal/            DeepSpeed universal checkpoint (made on demand, for a new world size)
         rng/rank_00000.safetensors   every rank's RNG states (tensors + JSON metadata, no pickle)
         config.yaml           the resolved TrainConfig
@@ -43,6 +45,7 @@ from loretta.train import integrity
 from loretta.vocab import VocabLayout
 
 STEP_RE = re.compile(r"^step_(\d{8})$")
+DS_TAG = "ds"  # the tag engine.py saves DeepSpeed's state under, inside the step folder
 FORMAT_VERSION = 2  # 2: manifest.json, RNG in safetensors
 
 
@@ -354,6 +357,10 @@ def save_checkpoint(
         atomic_write_json(tmp / "layout.json", layout.to_dict())
         full = dict(state, step=step, world_size=world, version=FORMAT_VERSION, complete=True)
         atomic_write_json(tmp / "state.json", full)
+        # DeepSpeed's tools read <dir>/latest for the tag when given a folder without --tag; the
+        # manifest lists it like every file. (checkpoints/latest stays our step folder name:
+        # scripts such as slurm/pretrain.sh read it as one.)
+        atomic_write_bytes(tmp / "latest", DS_TAG.encode())
         integrity.write_manifest(tmp)  # last: it lists every rank's files, now all written
         fsync_dir(tmp)
         replace_dir(tmp, final)  # the same step saved by an earlier attempt is replaced

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from loretta.comm import all_reduce_
+from loretta.comm import all_reduce_, world_size
 from loretta.config import TrainConfig
 from loretta.data.sequences import IGNORE
 from loretta.train.faults import EXIT_OK
@@ -93,19 +93,36 @@ def train_step(
     """Step `step` (0-based: the step that becomes `step + 1` once applied)."""
     eng.set_lr(lr := lr_at(step, cfg))
     r = StepResult(lr, 0.0, False, float("nan"), False)
-    # loss sum, micro-batches, stop requested; on the device: one host sync a step, not one a
-    # micro-step
-    step_loss = torch.zeros(3, dtype=torch.float64, device=eng.device)
+    # The step's loss is the mean over every loss token of the global batch, wherever it
+    # falls: each micro-batch's summed loss is scaled by world * accum / (global count of loss
+    # tokens), which cancels DeepSpeed's averaging over ranks and its 1/accum scaling. The
+    # micro-batches of the step are fetched and prepared (pseudo-modalities generated: no
+    # update happens between them) before the first backward, so the count is known up front:
+    # one all-reduce of one number per step. (Dividing each micro-batch by its own count
+    # would weigh a token by how many others share its micro-batch, and make (2 ranks x 1)
+    # and (1 rank x 2 micro-batches) differ.)
+    accum = cfg.optim.grad_accum_steps
     B, T = cfg.data.micro_batch_size, cfg.data.seq_len
-    for _ in range(cfg.optim.grad_accum_steps):
+    batches = []
+    for _ in range(accum):
         t0 = time.perf_counter()
         batch = next(data)
         r.data_wait_s += time.perf_counter() - t0
         batch = objective.prepare(batch, eng, step)
         r.gen_s += objective.last_generation.get("gen_s", 0.0)
         r.gen_tokens += objective.last_generation.get("gen_tokens", 0.0)
+        batches.append(batch)
+    # loss-token count, then (after the micro-steps) loss sum and stop requested; on the
+    # device: no host sync a micro-step
+    count = torch.zeros(1, dtype=torch.float64, device=eng.device)
+    for batch in batches:
+        count += (batch["targets"] != IGNORE).sum().to(eng.device, torch.float64)
+    n_global = all_reduce_(count).clamp(min=1)
+    scale = (world_size() * accum / n_global).float().squeeze(0)
+    step_loss = torch.zeros(2, dtype=torch.float64, device=eng.device)
+    for batch in batches:
         tok_loss, valid = forward_loss(eng, batch)
-        loss = tok_loss.sum() / valid.sum().clamp(min=1)
+        loss = tok_loss.sum() * scale
         if step + 1 in cfg.faults.inject_nan_at:  # fault injection for tests
             loss = loss * float("nan")
         eng.backward(loss)
@@ -116,8 +133,9 @@ def train_step(
             batch["target_direction"].to(eng.device).reshape(-1),
             batch["target_modality"].to(eng.device).reshape(-1),
         )
-        step_loss[0] += loss.detach().double()
-        step_loss[1] += 1
+        step_loss[0] += tok_loss.detach().sum().double()
+        if step + 1 in cfg.faults.inject_nan_at:
+            step_loss[0] += float("nan")
         r.tokens += B * T
         r.real_tokens += int((batch["tokens"] != pad_id).sum())
         r.micro.append(
@@ -131,11 +149,11 @@ def train_step(
                 int(batch.get("overflow_dropped", 0)),
             )
         )
-    # one collective per step: mean loss and whether any rank got a signal
-    step_loss[2] = 1.0 if stop_requested() else 0.0
+    # one collective per step: the global mean loss and whether any rank got a signal
+    step_loss[1] = 1.0 if stop_requested() else 0.0
     agg = all_reduce_(step_loss).cpu()
-    r.loss = float(agg[0] / agg[1])
-    r.stop_requested = bool(agg[2] > 0)
+    r.loss = float(agg[0] / n_global.cpu()[0])
+    r.stop_requested = bool(agg[1] > 0)
     return r
 
 
