@@ -139,13 +139,24 @@ def test_overflow_drops_are_counted() -> None:
     assert ref.dropped == dropped and ref.state_dict()["dropped"] == dropped
 
 
-def test_default_fill_rarely_drops() -> None:
-    ref = GlobalStream(stream())
-    used = 0
-    for _ in range(8 * 300):
+def test_a_source_with_no_usable_sample_is_named() -> None:
+    bad = metas()
+    bad[1].required = [1]  # "long" has no b anywhere: it could never fill its budget
+    with pytest.raises(DataError, match=r"data.sources.1 \(long\): no sample is usable"):
+        stream(sources=bad)
+
+
+def test_default_chunking_packs_well_and_rarely_drops() -> None:
+    """The config's defaults (rows of 128 here: coarser than 2048, so harder to pack)."""
+    from loretta.config import DataConfig
+
+    d = DataConfig()
+    ref = GlobalStream(stream(rows=d.plan_chunk_rows, fill=d.plan_fill))
+    used, n = 0, d.plan_chunk_rows * 200
+    for _ in range(n):
         used += sum(d.length for d in ref.next_row())
-    assert ref.dropped <= 0.002 * ref.chunks.planned_docs, ref.dropped
-    assert used / (8 * 300 * T) > 0.9
+    assert ref.dropped <= 0.005 * ref.chunks.planned_docs, (ref.dropped, ref.chunks.planned_docs)
+    assert used / (n * T) > 0.95
 
 
 # ---- the loader: elastic resume and the versioned state ----------------------------------------

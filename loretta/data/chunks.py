@@ -146,7 +146,7 @@ class ChunkStream:
             if o.total <= 0:
                 raise DataError(
                     f"data.sources.{i} ({s.name}): no sample is usable (each lacks a modality "
-                    "the source requires, or has none); fix the data or data.sources.{i}."
+                    f"the source requires, or has none); fix the data or data.sources.{i}."
                     "modalities"
                 )
         self.rows_per_chunk = chunk_rows
