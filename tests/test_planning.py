@@ -60,6 +60,8 @@ def test_random_access_equals_the_sequential_walk() -> None:
         seq.append(walk.peek())
         walk.advance()
     assert [jump.at(k) for k in reversed(range(len(seq)))] == seq[::-1]
+    for k0, k1 in ((0, len(seq)), (3, 4), (5, 30), (16, 40), (17, 17), (33, 55)):
+        assert jump.span(k0, k1) == seq[k0:k1], (k0, k1)
     measure = np.array([3, 0, 1, 4, 0, 0, 2, 5, 1, 0, 2, 1, 0, 3, 1, 0, 2], np.int64)
     order = SourceOrder(SourceCursor([5, 0, 9, 3], 7, 1), measure)
     running = [0]

@@ -193,9 +193,9 @@ class ChunkStream:
         row = c * self.rows_per_chunk
         names = self.builder.layout.names
         for s, src in enumerate(self.sources):
-            cur = self.cursors[s]
-            for k in range(self.first_index(s, c), self.first_index(s, c + 1)):
-                epoch, idx = cur.at(k)
+            for epoch, idx in self.cursors[s].span(
+                self.first_index(s, c), self.first_index(s, c + 1)
+            ):
                 lengths = src.lengths[idx]
                 if src.allowed is not None:
                     lengths = np.where(src.allowed, lengths, 0)

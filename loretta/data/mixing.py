@@ -80,6 +80,26 @@ class SourceCursor:
         _, shard, within = self.locate(epoch, pos)
         return epoch, int(self.starts[shard] + self.shard_perm(epoch, shard)[within])
 
+    def span(self, k0: int, k1: int) -> list[tuple[int, int]]:
+        """[at(k) for k in range(k0, k1)], vectorised over each shard the span touches."""
+        out: list[tuple[int, int]] = []
+        k = k0
+        while k < k1:
+            epoch, pos = divmod(k, self.n)
+            end = min(k1 - epoch * self.n, self.n)  # this epoch's part of the span
+            shards, bounds = self.epoch_order(epoch)
+            j = int(np.searchsorted(bounds, pos, side="right"))
+            while pos < end:
+                shard = int(shards[j])
+                lo = int(bounds[j - 1]) if j else 0
+                stop = min(end, int(bounds[j]))
+                perm = self.shard_perm(epoch, shard)
+                idx = self.starts[shard] + perm[pos - lo : stop - lo]
+                out += [(epoch, i) for i in idx.tolist()]
+                pos, j = stop, j + 1
+            k = epoch * self.n + end
+        return out
+
     def peek(self) -> tuple[int, int]:
         """(epoch, sample index) of the next sample, without advancing."""
         return self.at(self.epoch * self.n + self.pos)
