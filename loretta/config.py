@@ -235,7 +235,13 @@ class DataConfig:
     prefetch_factor: int = 2
     sequence: SequenceConfig = field(default_factory=SequenceConfig)
     mix_by: Literal["tokens", "samples"] = "tokens"  # what source weights are shares of
-    pack_lookahead: int = 16  # samples held back to fill rows (best fit)
+    # the global stream is planned in chunks of this many rows, each a function of its position
+    # (docs/architecture.md, "The global row stream"): a rank plans the chunks holding its rows
+    # and their predecessors: about (max(R, B) + R) / B rows planned per own row, whatever the
+    # world size. Larger chunks pack better (bench/planner_scale.py --sweep), cost more.
+    plan_chunk_rows: int = 16
+    plan_fill: float = 0.97  # a chunk's expected tokens / its row tokens (room for overflow)
+    pack_lookahead: int = 16  # unused since loader state version 2 (kept so old configs load)
     on_error: Literal["raise", "skip"] = "raise"
     max_skipped: int = 1000  # skip policy: raise after this many bad samples
     verify_checksums: bool = False
@@ -292,6 +298,16 @@ class DataConfig:
             out.append(f"{p}.prefetch_factor={self.prefetch_factor}: must be in [1, 1024]")
         if not 1 <= self.pack_lookahead <= MAX_ROWS:
             out.append(f"{p}.pack_lookahead={self.pack_lookahead}: must be in [1, {MAX_ROWS}]")
+        if not 1 <= self.plan_chunk_rows <= MAX_ROWS:
+            out.append(
+                f"{p}.plan_chunk_rows={self.plan_chunk_rows}: must be in [1, {MAX_ROWS}] (rows "
+                "planned together; at most data.micro_batch_size keeps planning per rank small)"
+            )
+        if not 0.5 <= self.plan_fill <= 1.0:
+            out.append(
+                f"{p}.plan_fill={self.plan_fill}: must be in [0.5, 1.0] (expected share of a "
+                "chunk's tokens that documents take; lower leaves room for overflow)"
+            )
         if self.max_skipped < 0:
             out.append(f"{p}.max_skipped={self.max_skipped}: must be >= 0")
         for m, n in self.sequence.max_tokens.items():

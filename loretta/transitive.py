@@ -109,7 +109,9 @@ class _Planner:
         # transitive documents start at this global row: objective.transitive_start is a
         # fraction of run.steps, turned into rows once, with the world size the run *starts*
         # at. The row is saved in the loader state (`state_dict`), so a run resumed at another
-        # world size, or with run.steps raised, keeps the same transitive decisions.
+        # world size, or with run.steps raised, keeps the same transitive decisions. The row a
+        # document is planned with is its chunk's first row (loretta/data/chunks.py), so the
+        # decision is a function of the document's position, whoever plans it.
         rows_per_step = cfg.data.micro_batch_size * cfg.optim.grad_accum_steps * world
         self.start_row = int(cfg.objective.transitive_start * cfg.run.steps) * rows_per_step
 

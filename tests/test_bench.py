@@ -21,6 +21,7 @@ BENCHES = {
     "transitive_generation.py": ("ratio", "ratio_vs_naive", "gen_share", "hooks_kv_tokens_per_s"),
     "zero3_memory.py": ("max_ratio_to_ideal", "ratio_world2", "total_bytes_world1"),
     "checkpoint_verify.py": ("verify_s", "bytes", "gb_per_s"),
+    "planner_scale.py": ("rows_per_s", "cost_ratio_4096_vs_8", "worker_speedup_4", "fill"),
 }
 # convert.py: test_convert_bench_tiny below; loss_memory.py: tests/test_loss.py; gpu_summary.py:
 # tests/test_gpu_check.py; demo.py: the pipeline test in tests/test_readme.py

@@ -64,6 +64,8 @@ BAD = [
     ("--faults.max_nan_skips=-2", "faults.max_nan_skips"),
     ("--engine.timeout_s=0", "engine.timeout_s"),
     ("--data.sources.0.name=", "data.sources.0.name"),
+    ("--data.plan_chunk_rows=0", "data.plan_chunk_rows"),
+    ("--data.plan_fill=1.2", "data.plan_fill"),
 ]
 
 

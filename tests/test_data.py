@@ -170,7 +170,11 @@ def test_every_sample_once_per_epoch_pure(two_sources: tuple[Path, Path], world:
             per_rank[r] += [(d.epoch, d.sample) for row in rows[r * B : (r + 1) * B] for d in row]
     placed = Counter(x for rank in per_rank for x in rank)
     assert all(n == 1 for n in placed.values())  # no (epoch, sample) twice, on any rank
-    assert sorted(s for e, s in placed if e == 0) == list(range(600))  # epoch 0 complete
+    # epoch 0 complete. Since the chunked stream (loader state version 2), a document that
+    # fits neither in its chunk nor in the next is dropped and counted (rare): it counts here
+    dropped = Counter((d.epoch, d.sample) for d in stream.dropped_docs)
+    assert not dropped & placed and len(dropped) <= 0.005 * len(placed)
+    assert sorted(s for e, s in placed + dropped if e == 0) == list(range(600))
 
 
 @pytest.mark.parametrize(("world", "workers"), [(1, 2), (2, 2), (3, 1), (4, 2)])

@@ -31,6 +31,7 @@ def test_two_process_zero3_loss_falls_and_checkpoints(tmp_path: Path, tiny_data:
         "grad_norm",
         "lr",
         "data/mix/ab",
+        "data_overflow_dropped",
     ):
         assert key in rec, key
     assert rec["mfu"] > 0 and rec["tokens_per_s"] > 0

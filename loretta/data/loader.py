@@ -1,32 +1,39 @@
 """The training data path, composed from small stages:
 
-    sources (index metadata) -> token mixer -> document planner -> packer -> global row stream
-    global rows --(rank, worker slice)--> read shards -> write rows -> batch
+    sources (index metadata) -> per-source budgets -> chunk c: documents -> planner -> packer
+    global rows of chunk c --(rank, worker slice)--> read shards -> write rows -> batch
 
-The global row stream is a pure function of (seed, sources, weights, position): it uses only
-the per-sample token counts from each dataset's index. Every DataLoader worker of every rank
-runs the same (cheap) planner and materialises only its own rows, so the rows do not depend on
-the number of workers, and the loader state (cursors, mixer counts, packing buffer: a small
-dict) is the same on every rank. Restoring it at any data-parallel world size continues the
-same global stream: nothing is repeated or skipped.
+The global row stream is a pure function of (seed, sources, weights, run-start parameters,
+position): it is cut into chunks of R = data.plan_chunk_rows rows, and chunk c is planned from c
+alone (loretta/data/chunks.py): its documents are the next budget's worth of each source's
+seeded epoch order, found by random access from the index's token counts; they are planned
+with the chunk's first row as their row, packed best fit decreasing into the R rows, and what
+does not fit goes to chunk c+1 (what fits there neither is dropped and counted). So a rank
+plans only the chunks holding its own rows and their predecessors: its cost does not grow
+with the world size, and each DataLoader worker plans only its own micro-batches.
 
 Global micro-batch group g holds rows [g*B*W, (g+1)*B*W) for micro batch B and world size W;
 rank r takes rows [g*B*W + r*B, g*B*W + (r+1)*B). Worker w of N takes groups g = w (mod N).
+
+The loader state (version 2) is small and the same on every rank: the global rows consumed,
+the run-start parameters (chunk rows, fill, per-source budgets, the planner's start-time
+decisions such as the transitive start row) and skip/drop counts. Restoring it at any world
+size continues the same global rows. A state without version 2 (written by the sequential
+planner before it) is refused with what to do.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
 from loretta.config import DataConfig, TrainConfig
-from loretta.data.mixing import SourceCursor, TokenMixer
-from loretta.data.packing import Packer
+from loretta.data.chunks import STATE_VERSION, ChunkStream, DocPlanner, SourceMeta
+from loretta.data.mixing import SourceCursor
 from loretta.data.sequences import IGNORE, DocPlan, SequenceBuilder, mix64
 from loretta.data.sources import open_dataset
 from loretta.errors import DataError
@@ -36,130 +43,147 @@ log = logging.getLogger(__name__)
 
 ROW_FIELDS = ("tokens", "positions", "doc_ids", "targets", "target_modality", "target_direction")
 
-# (source, sample, epoch, lengths per modality, 64-bit hash, global row) -> plan or None
-DocPlanner = Callable[[int, int, int, np.ndarray, int, int], "DocPlan | None"]
 # (datasets, sequence builder, data-parallel world size) -> document planner
 PlannerFactory = Callable[[list[Any], SequenceBuilder, int], DocPlanner]
 
-
-@dataclass
-class SourceMeta:
-    """What the planner needs from a source: token counts per sample and shard sizes."""
-
-    name: str
-    lengths: np.ndarray  # (n_samples, n_modalities)
-    shard_counts: list[int]
-    weight: float
-    required: list[int] = field(default_factory=list)  # modality indices every sample must have
-    allowed: np.ndarray | None = None  # (n_modalities,) bool mask of modalities to use
-    where: Callable[[int], str] = str
+__all__ = ["ChunkStream", "DocPlanner", "GlobalStream", "SourceMeta", "check_state"]
 
 
 class SkipBudgetExceeded(DataError):
     pass
 
 
-class GlobalStream:
-    """The global sequence of packed rows, as a pure function of its state."""
+def check_state(s: Any) -> None:
+    """Refuse a loader state this version cannot continue (with what to do instead)."""
+    if not isinstance(s, dict) or s.get("version") != STATE_VERSION:
+        v = s.get("version", 1) if isinstance(s, dict) else type(s).__name__
+        raise DataError(
+            f"loader state version {v} (written by an older loretta, whose global row stream "
+            f"was planned sequentially) cannot be continued by this version, which plans the "
+            f"stream in chunks (loader state version {STATE_VERSION}): start a new run "
+            "(run.resume off, or another run.run_dir), or resume this checkpoint with the "
+            "loretta version that wrote it"
+        )
 
-    def __init__(
-        self,
-        sources: list[SourceMeta],
-        builder: SequenceBuilder,
-        seed: int,
-        lookahead: int,
-        on_error: str = "raise",
-        max_skipped: int = 1000,
-        mix_by: str = "tokens",
-        planner: DocPlanner | None = None,
-    ) -> None:
-        self.sources, self.builder, self.seed = sources, builder, seed
-        self.cursors = [SourceCursor(s.shard_counts, seed, i) for i, s in enumerate(sources)]
-        self.mixer = TokenMixer([s.weight for s in sources])
-        self.packer = Packer(builder.seq_len, lookahead)
-        self.on_error, self.max_skipped, self.mix_by = on_error, max_skipped, mix_by
-        self.planner = planner or builder.plan
-        self.rows = 0  # global rows produced
-        self.skipped: dict[str, int] = {}
 
-    def _skip(self, reason: str, where: str) -> None:
-        if self.on_error == "raise":
-            raise DataError(f"{where}: {reason}. Fix the data, or set data.on_error=skip")
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
-        if sum(self.skipped.values()) > self.max_skipped:
+class SkipCounter:
+    """Bad samples of the chunks a consumer reported (each chunk once), against the budget."""
+
+    def __init__(self, max_skipped: int, start: dict[str, int] | None = None) -> None:
+        self.max_skipped = max_skipped
+        self.counts: dict[str, int] = dict(start or {})
+
+    def add(self, counts: dict[str, int], where: str) -> None:
+        for k, v in counts.items():
+            self.counts[k] = self.counts.get(k, 0) + v
+        if counts and sum(self.counts.values()) > self.max_skipped:
             raise SkipBudgetExceeded(
                 f"more than data.max_skipped={self.max_skipped} bad samples skipped "
-                f"({self.skipped}); last: {where}: {reason}"
+                f"({self.counts}); last in {where}"
             )
 
-    def next_doc(self) -> DocPlan:
-        for _ in range(1_000_000):
-            s = self.mixer.choose()
-            src, cur = self.sources[s], self.cursors[s]
-            epoch, idx = cur.peek()
-            cur.advance()
-            lengths = src.lengths[idx]
-            if src.allowed is not None:
-                lengths = np.where(src.allowed, lengths, 0)
-            missing = [m for m in src.required if lengths[m] == 0]
-            if missing:
-                names = [self.builder.layout.names[m] for m in missing]
-                self._skip(f"missing modality {names}", src.where(idx))
-                continue
-            plan = self.planner(s, idx, epoch, lengths, mix64(self.seed, s, epoch, idx), self.rows)
-            if plan is None:
-                self._skip("no modality block fits in data.seq_len", src.where(idx))
-                continue
-            self.mixer.record(s, plan.length if self.mix_by == "tokens" else 1)
-            return plan
-        raise DataError("a million samples in a row were skipped: the data is unusable")
+
+class GlobalStream:
+    """The global sequence of rows walked in order: the reference every rank's slice is
+    checked against (tests, tools). Each row comes from `ChunkStream`, so it equals what any
+    rank at any world size plans for that position."""
+
+    def __init__(self, chunks: ChunkStream, max_skipped: int = 1000) -> None:
+        self.chunks = chunks
+        self.sources, self.builder = chunks.sources, chunks.builder
+        self.rows = 0  # global rows produced
+        self.dropped = 0  # overflow documents dropped in the chunks walked
+        self.dropped_docs: list[DocPlan] = []  # which (walked from the start only)
+        self._skips = SkipCounter(max_skipped)
+        self._counted = -1  # last chunk whose counts were added
+        # per source: the stream position of the current chunk's first document
+        self.cursors = [
+            SourceCursor(s.shard_counts, chunks.seed, i) for i, s in enumerate(self.sources)
+        ]
+        self.tokens = np.zeros(len(self.sources), dtype=np.int64)  # per source, rows returned
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return self._skips.counts
+
+    @property
+    def planner(self) -> DocPlanner:
+        return self.chunks.planner
 
     def next_row(self) -> list[DocPlan]:
+        R = self.chunks.rows_per_chunk
+        c = self.rows // R
+        ch = self.chunks.chunk(c)
+        if c > self._counted:
+            self._counted = c
+            self.dropped += ch.dropped
+            self.dropped_docs += ch.dropped_docs
+            self._skips.add(ch.skipped, f"chunk {c}")
+            for s, cur in enumerate(self.cursors):
+                cur.seek(self.chunks.first_index(s, c))
+        row = list(ch.rows[self.rows % R])
+        for d in row:
+            self.tokens[d.source] += d.length
         self.rows += 1
-        return self.packer.next_row(self.next_doc)
+        return row
+
+    def realised(self) -> list[float]:
+        """Token share per source of the rows returned so far."""
+        total = self.tokens.sum()
+        return (self.tokens / total).tolist() if total else [0.0] * len(self.tokens)
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "rows": self.rows,
-            "cursors": [c.state_dict() for c in self.cursors],
-            "mixer": self.mixer.state_dict(),
-            "packer": self.packer.state_dict(),
-            "skipped": dict(self.skipped),
-            "sources": [s.name for s in self.sources],
-            # decisions fixed when the run started (the transitive start row), so that they
-            # do not depend on the world size or run.steps of a resumed job
-            "planner": self.planner_state(),
-        }
-
-    def planner_state(self) -> dict[str, Any]:
-        get = getattr(self.planner, "state_dict", None)
-        return dict(get()) if get is not None else {}
+        return stream_state(self.chunks, self.rows, self.skipped, self.dropped)
 
     def load_state_dict(self, s: dict[str, Any]) -> None:
-        names = [src.name for src in self.sources]
-        if s.get("sources") != names:
-            raise DataError(
-                f"loader state was saved for sources {s.get('sources')} but the config has "
-                f"{names}; resume with the same data.sources (or start a new run)"
-            )
+        load_stream_state(self.chunks, s)
         self.rows = int(s["rows"])
-        for c, cs in zip(self.cursors, s["cursors"]):
-            c.load_state_dict(cs)
-        self.mixer.load_state_dict(s["mixer"])
-        self.packer.load_state_dict(s["packer"])
-        self.skipped = dict(s.get("skipped", {}))
-        saved, load = s.get("planner"), getattr(self.planner, "load_state_dict", None)
-        if load is not None:
-            if saved:
-                load(saved)
-            else:
-                log.warning(
-                    "loader state without the planner's start-time decisions (saved by an "
-                    "older version): the transitive start row is recomputed from this job's "
-                    "world size and run.steps (%s); resume at the original world size and "
-                    "run.steps to keep the same stream",
-                    self.planner_state(),
-                )
+        self._skips = SkipCounter(self._skips.max_skipped, s.get("skipped", {}))
+        self.dropped = int(s.get("dropped", 0))
+        R = self.chunks.rows_per_chunk
+        # a chunk started before the resume point was counted before it
+        self._counted = (self.rows + R - 1) // R - 1
+
+
+def stream_state(
+    chunks: ChunkStream, rows: int, skipped: dict[str, int], dropped: int
+) -> dict[str, Any]:
+    """The loader state at global row `rows`: small, and the same on every rank."""
+    get = getattr(chunks.planner, "state_dict", None)
+    return {
+        "version": STATE_VERSION,
+        "rows": rows,
+        "sources": [s.name for s in chunks.sources],
+        # fixed when the run started, so that nothing depends on the world size or on the
+        # data config of a resumed job: chunk size, fill, per-source budgets ...
+        "plan": chunks.params(),
+        # ... and the planner's decisions (the transitive start row)
+        "planner": dict(get()) if get is not None else {},
+        "skipped": dict(skipped),  # bad samples in the chunks this rank's worker reported
+        "dropped": dropped,  # overflow documents dropped in those chunks
+    }
+
+
+def load_stream_state(chunks: ChunkStream, s: dict[str, Any]) -> None:
+    check_state(s)
+    names = [src.name for src in chunks.sources]
+    if s.get("sources") != names:
+        raise DataError(
+            f"loader state was saved for sources {s.get('sources')} but the config has "
+            f"{names}; resume with the same data.sources (or start a new run)"
+        )
+    if s["plan"]["chunk_rows"] != chunks.rows_per_chunk or s["plan"]["fill"] != chunks.fill:
+        log.info(
+            "loader state: the stream continues with the chunking it started with (%s), not "
+            "this config's data.plan_chunk_rows=%s, data.plan_fill=%s",
+            s["plan"],
+            chunks.rows_per_chunk,
+            chunks.fill,
+        )
+    chunks.load_params(s["plan"])
+    load = getattr(chunks.planner, "load_state_dict", None)
+    if load is not None and s.get("planner"):
+        load(s["planner"])
 
 
 class RowWriter:
@@ -328,6 +352,30 @@ def source_metas(cfg: DataConfig, datasets: list[Any]) -> list[SourceMeta]:
     return metas
 
 
+def chunk_stream(
+    cfg: TrainConfig,
+    datasets: list[Any],
+    layout: VocabLayout,
+    world: int = 1,
+    planner_factory: PlannerFactory | None = None,
+) -> tuple[ChunkStream, SequenceBuilder]:
+    """The position-addressable global stream for `cfg` from its start."""
+    d = cfg.data
+    builder = SequenceBuilder(layout, d.sequence, d.seq_len, cfg.run.seed)
+    planner = planner_factory(datasets, builder, world) if planner_factory is not None else None
+    chunks = ChunkStream(
+        source_metas(d, datasets),
+        builder,
+        cfg.run.seed,
+        d.plan_chunk_rows,
+        d.plan_fill,
+        d.mix_by,
+        planner,
+        d.on_error,
+    )
+    return chunks, builder
+
+
 def global_stream(
     cfg: TrainConfig,
     datasets: list[Any],
@@ -335,25 +383,15 @@ def global_stream(
     world: int = 1,
     planner_factory: PlannerFactory | None = None,
 ) -> tuple[GlobalStream, SequenceBuilder]:
-    """The global stream of rows for `cfg` from its start (every rank slices this one)."""
-    d = cfg.data
-    builder = SequenceBuilder(layout, d.sequence, d.seq_len, cfg.run.seed)
-    planner = planner_factory(datasets, builder, world) if planner_factory is not None else None
-    stream = GlobalStream(
-        source_metas(d, datasets),
-        builder,
-        cfg.run.seed,
-        d.pack_lookahead,
-        d.on_error,
-        d.max_skipped,
-        d.mix_by,
-        planner,
-    )
-    return stream, builder
+    """The global stream of rows for `cfg` from its start, walked in order (the reference
+    every rank's slice is checked against)."""
+    chunks, builder = chunk_stream(cfg, datasets, layout, world, planner_factory)
+    return GlobalStream(chunks, cfg.data.max_skipped), builder
 
 
 class RankStream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
-    """One rank's batches: rows of the global stream, materialised by this rank's workers."""
+    """One rank's batches: rows of the global stream, planned and materialised by this rank's
+    workers. A worker plans only the chunks holding its own rows (and their predecessors)."""
 
     def __init__(
         self,
@@ -364,39 +402,58 @@ class RankStream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
         planner_factory: PlannerFactory | None = None,
     ) -> None:
         super().__init__()
+        if state is not None:
+            check_state(state)  # here, in the trainer's process, not in a worker
         self.cfg, self.rank, self.world, self.state = cfg, rank, world, state
         self.planner_factory = planner_factory
         self.datasets, self.layout = open_sources(cfg.data, cfg.run.seed)
 
-    def make_stream(self) -> tuple[GlobalStream, SequenceBuilder]:
-        stream, builder = global_stream(
+    def make_stream(self) -> tuple[ChunkStream, SequenceBuilder]:
+        chunks, builder = chunk_stream(
             self.cfg, self.datasets, self.layout, self.world, self.planner_factory
         )
         if self.state is not None:
-            stream.load_state_dict(self.state)
-        return stream, builder
+            load_stream_state(chunks, self.state)
+        return chunks, builder
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        stream, builder = self.make_stream()
+        chunks, builder = self.make_stream()
         obj = self.cfg.objective
         control = (obj.control_label_key, self.cfg.run.seed) if obj.control != "none" else None
         writer = RowWriter(self.datasets, builder, self.cfg.data.on_error, control)
         B, W, r = self.cfg.data.micro_batch_size, self.world, self.rank
-        group = 0
+        state = self.state or {}
+        start = int(state.get("rows", 0))
+        skips = SkipCounter(self.cfg.data.max_skipped, state.get("skipped", {}))
+        dropped = int(state.get("dropped", 0))
+        group = worker
         while True:
-            start_rows = stream.rows
-            rows = [stream.next_row() for _ in range(B * W)]
-            if group % n_workers == worker:
-                batch = writer.write(rows[r * B : (r + 1) * B])
-                batch["state"] = stream.state_dict()  # resume point: after this group
-                batch["first_row"] = start_rows + r * B
-                batch["read_errors"] = writer.read_errors
-                batch["worker"] = worker
-                batch["mix_tokens"] = stream.mixer.tokens.tolist()
-                yield batch
-            group += 1
+            first = start + group * B * W + r * B
+            rows = chunks.rows(first, B)
+            # chunks that start in this batch's rows: their counts are reported here, once
+            mine = [chunks.chunk(c) for c in chunks.chunks_starting(first, B)]
+            n_dropped = sum(ch.dropped for ch in mine)
+            for ch in mine:
+                skips.add(ch.skipped, f"rows {first}..{first + B - 1}")
+            dropped += n_dropped
+            batch = writer.write(rows)
+            # resume point: after this group
+            batch["state"] = stream_state(
+                chunks, start + (group + 1) * B * W, skips.counts, dropped
+            )
+            batch["first_row"] = first
+            batch["read_errors"] = writer.read_errors
+            batch["worker"] = worker
+            batch["overflow_dropped"] = n_dropped
+            mix = np.zeros(len(chunks.sources), dtype=np.int64)  # tokens per source, this batch
+            for row in rows:
+                for d in row:
+                    mix[d.source] += d.length
+            batch["mix_tokens"] = mix.tolist()
+            yield batch
+            group += n_workers
 
 
 def collate(batch: Any) -> dict[str, Any]:

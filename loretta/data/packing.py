@@ -1,53 +1,44 @@
-"""Packing documents into fixed-length rows (best fit over a small lookahead buffer).
+"""Packing documents into a fixed number of fixed-length rows (best fit, decreasing).
 
-Rows never split a document: each row takes, repeatedly, the longest buffered document that
-still fits (earliest first among equals), then pads the rest. The buffer is part of the
-loader state, so packing resumes exactly.
+Rows never split a document. `pack` places documents, longest first (ties: the given order),
+each into the row with the least room that still holds it; what no row holds is returned, in
+order, for the caller to place elsewhere (the next chunk) or to drop and count.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from bisect import bisect_left, insort
 
-from loretta.data.sequences import Block, DocPlan
+from loretta.data.sequences import DocPlan
 
 
-class Packer:
-    def __init__(self, seq_len: int, lookahead: int) -> None:
-        self.seq_len, self.lookahead = seq_len, lookahead
-        self.buffer: list[DocPlan] = []
+class Rows:
+    """`n` rows of `seq_len` tokens being filled."""
 
-    def next_row(self, refill: Callable[[], DocPlan]) -> list[DocPlan]:
-        row: list[DocPlan] = []
-        room = self.seq_len
-        while room > 0:
-            while len(self.buffer) < self.lookahead:
-                self.buffer.append(refill())
-            best, best_len = -1, 0
-            for i, d in enumerate(self.buffer):
-                if best_len < d.length <= room:
-                    best, best_len = i, d.length
-            if best < 0:
-                break
-            row.append(self.buffer.pop(best))
-            room -= best_len
-        return row
+    def __init__(self, n: int, seq_len: int) -> None:
+        self.seq_len = seq_len
+        self.rows: list[list[DocPlan]] = [[] for _ in range(n)]
+        self.rooms = [(seq_len, i) for i in range(n)]  # sorted (room, row)
 
-    def state_dict(self) -> list[list[Any]]:
-        return [
-            [d.source, d.sample, d.epoch, [list(b) for b in d.blocks], d.length]
-            for d in self.buffer
-        ]
+    def copy(self) -> Rows:
+        out = Rows(0, self.seq_len)
+        out.rows = [list(r) for r in self.rows]
+        out.rooms = list(self.rooms)
+        return out
 
-    def load_state_dict(self, s: list[list[Any]]) -> None:
-        self.buffer = [
-            DocPlan(
-                int(src),
-                int(smp),
-                int(ep),
-                tuple(Block(*(int(x) for x in b)) for b in blocks),
-                int(n),
-            )
-            for src, smp, ep, blocks, n in s
-        ]
+    def pack(self, docs: list[DocPlan]) -> list[DocPlan]:
+        """Best fit decreasing; returns the documents that fit nowhere (in their order)."""
+        left = []
+        for d in sorted(docs, key=lambda d: -d.length):
+            i = bisect_left(self.rooms, (d.length, -1))
+            if i == len(self.rooms):
+                left.append(d)
+                continue
+            room, r = self.rooms.pop(i)
+            self.rows[r].append(d)
+            if room > d.length:
+                insort(self.rooms, (room - d.length, r))
+        return left
+
+    def used(self) -> int:
+        return sum(d.length for r in self.rows for d in r)

@@ -123,6 +123,7 @@ def window_metrics(
     nan_skipped: int,
     read_errors: int,
     device: torch.device,
+    overflow_dropped: int = 0,
 ) -> dict[str, Any]:
     """The metrics record of a log step (keys documented in README), from the losses reduced
     over ranks and this rank's window."""
@@ -147,6 +148,7 @@ def window_metrics(
             "step_time_s": elapsed / max(window.steps, 1),
             "nan_skipped": nan_skipped,
             "data_read_errors": read_errors,
+            "data_overflow_dropped": overflow_dropped,
             "mem_rss_gb": rss_gb(),
         }
     )

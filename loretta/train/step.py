@@ -44,10 +44,11 @@ class MicroBatch:
 
     state: Any  # the loader state after this micro-batch
     docs: Any  # (rows' documents, [row, source, sample, epoch]) for the audit log
-    mix_tokens: list[int]
+    mix_tokens: list[int]  # tokens per source in this micro-batch's rows
     worker: int
     read_errors: int
     doc_blocks: Any = None  # per document: its blocks [(modality, n, gen_from)], for the audit
+    overflow_dropped: int = 0  # documents dropped by packing in chunks reported with this batch
 
 
 @dataclass
@@ -145,6 +146,7 @@ def train_step(
                 batch["worker"],
                 batch["read_errors"],
                 batch.get("doc_blocks"),
+                int(batch.get("overflow_dropped", 0)),
             )
         )
     # one collective per step: the global mean loss and whether any rank got a signal

@@ -170,14 +170,18 @@ class Progress:
     loader_state: Any = None
     wandb_id: str | None = None
     nan_skipped: int = 0
-    mix_tokens: list[int] = field(default_factory=list)
+    mix_tokens: list[int] = field(default_factory=list)  # per source, this job's micro-batches
     read_errors: dict[int, int] = field(default_factory=dict)  # by loader worker
+    overflow_dropped: int = 0  # packing drops in the chunks this rank reported (this job)
 
     def consumed(self, micro: MicroBatch, audit: Audit | None, step: int) -> None:
         self.loader_state = micro.state
         if audit is not None:
             audit.write(step, micro.docs, micro.doc_blocks)
-        self.mix_tokens = micro.mix_tokens
+        if len(self.mix_tokens) != len(micro.mix_tokens):
+            self.mix_tokens = [0] * len(micro.mix_tokens)
+        self.mix_tokens = [a + b for a, b in zip(self.mix_tokens, micro.mix_tokens)]
+        self.overflow_dropped += micro.overflow_dropped
         self.read_errors[micro.worker] = micro.read_errors
 
     def checkpoint_state(self, wandb_id: str, nan_skipped: int) -> dict[str, Any]:
@@ -342,6 +346,7 @@ def run(
                     tokens_seen=prog.tokens_seen,
                     nan_skipped=nan.skipped,
                     read_errors=sum(prog.read_errors.values()),
+                    overflow_dropped=prog.overflow_dropped,
                     device=eng.device,
                 )
                 logger.log(step, {**m, **extra})
