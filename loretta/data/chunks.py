@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from loretta.data.mixing import SourceCursor, SourceOrder, _Lru
+from loretta.data.mixing import Lru, SourceCursor, SourceOrder
 from loretta.data.packing import Rows
 from loretta.data.sequences import DocPlan, SequenceBuilder, mix64
 from loretta.errors import DataError
@@ -152,8 +152,8 @@ class ChunkStream:
         self.rows_per_chunk = chunk_rows
         self.fill = fill
         self.budget = budgets(sources, self.est, chunk_rows, builder.seq_len, fill, mix_by)
-        self._own: _Lru = _Lru(cache)  # c -> (Rows after own documents, overflow, skipped)
-        self._chunks: _Lru = _Lru(cache)  # c -> Chunk
+        self._own: Lru = Lru(cache)  # c -> (Rows after own documents, overflow, skipped)
+        self._chunks: Lru = Lru(cache)  # c -> Chunk
         self.planned_docs = 0  # planner calls (for tests and benchmarks)
 
     # ---- run-start parameters (saved in the loader state) ------------------------------------

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 
-class _Lru(OrderedDict):  # type: ignore[type-arg]
+class Lru(OrderedDict):  # type: ignore[type-arg]
     def __init__(self, size: int) -> None:
         super().__init__()
         self.size = size
@@ -50,8 +50,8 @@ class SourceCursor:
         self.n = int(self.counts.sum())
         self.seed, self.source = seed, source
         self.epoch, self.pos = 0, 0
-        self._epochs = _Lru(4)  # epoch -> (shard order, cumulative sample counts in that order)
-        self._perms = _Lru(16)  # (epoch, shard) -> permutation of the shard's samples
+        self._epochs = Lru(4)  # epoch -> (shard order, cumulative sample counts in that order)
+        self._perms = Lru(16)  # (epoch, shard) -> permutation of the shard's samples
 
     def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         hit = self._epochs.hit(epoch)
@@ -133,8 +133,8 @@ class SourceOrder:
         starts, counts = cursor.starts, cursor.counts
         self.shard_total = cs[starts + counts] - cs[starts]
         self.total = int(cs[-1])
-        self._epochs = _Lru(4)  # epoch -> running measure at the end of each shard, in order
-        self._locals = _Lru(16)  # (epoch, shard) -> running measure within the shard
+        self._epochs = Lru(4)  # epoch -> running measure at the end of each shard, in order
+        self._locals = Lru(16)  # (epoch, shard) -> running measure within the shard
 
     def _epoch_ends(self, epoch: int) -> np.ndarray:
         hit = self._epochs.hit(epoch)
