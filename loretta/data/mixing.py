@@ -23,6 +23,8 @@ import numpy as np
 
 
 class Lru(OrderedDict):  # type: ignore[type-arg]
+    """A small least-recently-used cache (epoch orders, shard permutations, planned chunks)."""
+
     def __init__(self, size: int) -> None:
         super().__init__()
         self.size = size
