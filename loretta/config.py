@@ -156,7 +156,9 @@ class ObjectiveConfig:
     transitive_prob: float = 0.5  # chance that a sample with a link becomes [generated', target]
     all_modalities_prob: float = 0.0  # chance of one document with every real + generated block
     # fraction of run.steps before the first transitive document (ours: the paper gives no
-    # schedule; generating from a model that cannot yet generate teaches little)
+    # schedule; generating from a model that cannot yet generate teaches little). Turned into
+    # a global row at the run's start and saved; documents are planned per chunk of
+    # data.plan_chunk_rows rows, so the start takes effect at the next chunk boundary
     transitive_start: float = 0.0
     loss_on_generated: bool = False  # train on the model's own samples too (default: no)
     generation: GenerationConfig = field(default_factory=GenerationConfig)

@@ -240,12 +240,16 @@ def test_chain_for_a_single_modality_source(abc_data: Path) -> None:
 
 
 def test_transitive_documents_start_after_the_configured_fraction(abc_data: Path) -> None:
-    _, _p, it, _ = setup(abc_data, "--objective.transitive_start=0.5", "--run.steps=10")
-    # rows of the first 5 steps (8 rows each at world size 1) hold only real documents
-    early = [next(it) for _ in range(5)]
-    assert all(not b["gen_docs"] for b in early)
-    later = [next(it) for _ in range(3)]
-    assert all(b["gen_docs"] for b in later)
+    cfg, _p, it, _ = setup(abc_data, "--objective.transitive_start=0.5", "--run.steps=10")
+    # the start is row 5 * 8 = 40 (5 steps of 8 rows at world size 1); documents are planned
+    # per chunk of data.plan_chunk_rows rows, so the first transitive documents are those of
+    # the first chunk that starts at or after row 40
+    R = cfg.data.plan_chunk_rows
+    first = -(-40 // R) * R
+    batches = [next(it) for _ in range(first // 8 + 3)]
+    assert all(not b["gen_docs"] for b in batches[:5])  # rows before the start: real only
+    assert all(not b["gen_docs"] for b in batches[: first // 8])
+    assert all(b["gen_docs"] for b in batches[first // 8 :])
 
 
 def test_objectives_module_does_not_import_transitive() -> None:
