@@ -180,12 +180,14 @@ class TransitiveObjective(Objective):
         parts = [(name, ids[:cap])]
         return torch.from_numpy(encode(lay, parts, seq.add_bos, lay.modalities[target].name))
 
-    def sampling(self, modality: int, n: int) -> SamplingConfig:
-        m, g = self.layout.modalities[modality], self.cfg.objective.generation
+    def sampling(self, modality: int | None, n: int) -> SamplingConfig:
+        """How a block of `modality` is decoded (None: any id, no stop: a call's base)."""
+        g = self.cfg.objective.generation
+        m = None if modality is None else self.layout.modalities[modality]
         return SamplingConfig(
             max_new_tokens=n,
-            allowed=(m.offset, m.stop),
-            stop_ids=() if m.fixed_length is not None else self.stop_ids,
+            allowed=None if m is None else (m.offset, m.stop),
+            stop_ids=() if m is None or m.fixed_length is not None else self.stop_ids,
             temperature=g.temperature,
             top_k=g.top_k or None,
             pad_id=self.layout.pad_id,
@@ -206,17 +208,16 @@ class TransitiveObjective(Objective):
         if calls:
             g = self.cfg.objective.generation
             with engine.generation(g.gather, g.layers_per_group) as fwd:
-                for wave, modality, n_max, n_chunks in calls:
-                    jobs = []  # (doc, block index, prompt, tokens wanted)
+                # one wave's blocks of every modality share its calls (each row sampled in its
+                # own modality's range): a decode step costs the same for any mix of rows
+                for wave, n_max, n_chunks in calls:
+                    jobs = []  # (doc, block index, prompt, tokens wanted, key, modality)
                     for d, (*_, plan, _) in enumerate(docs):
                         for k, b in enumerate(plan.blocks):
                             path = self._path(plan, b)
-                            if (
-                                b.gen_from < 0
-                                or len(path) - 1 <= wave
-                                or path[wave + 1] != modality
-                            ):
+                            if b.gen_from < 0 or len(path) - 1 <= wave:
                                 continue
+                            modality = path[wave + 1]
                             last = wave == len(path) - 2
                             prompt = self.prompt(path[wave], inputs[d][path[wave]], modality)
                             # the sampling noise of a generated block is a function of the
@@ -233,10 +234,11 @@ class TransitiveObjective(Objective):
                                     prompt,
                                     b.n if last else self.reserve[modality],
                                     key,
+                                    modality,
                                 )
                             )
                     made += self._generate(
-                        engine, fwd, jobs, modality, n_max, n_chunks, batch, wave, outputs, inputs
+                        engine, fwd, jobs, n_max, n_chunks, batch, wave, outputs, inputs
                     )
         self._rewrite(batch, docs, outputs)
         self.last_generation = {"gen_s": time.perf_counter() - t0, "gen_tokens": float(made)}
@@ -248,12 +250,12 @@ class TransitiveObjective(Objective):
                 return lk.path
         return (b.gen_from, b.modality)
 
-    def _agree_calls(self, engine: Any, docs: list[Any]) -> list[tuple[int, int, int, int]]:
+    def _agree_calls(self, engine: Any, docs: list[Any]) -> list[tuple[int, int, int]]:
         """Every rank must make the same generate calls (the gathers are collectives): agree on
-        (wave, modality) -> most tokens and number of prompt chunks, with one all-reduce(max)."""
-        M, W = len(self.layout.modalities), self.max_waves
-        need = torch.zeros(W, M, dtype=torch.long)
-        counts = torch.zeros(W, M, dtype=torch.long)
+        wave -> most tokens and number of prompt chunks, with one all-reduce(max)."""
+        W = self.max_waves
+        need = torch.zeros(W, dtype=torch.long)
+        counts = torch.zeros(W, dtype=torch.long)
         for *_, plan, _ in docs:
             for b in plan.blocks:
                 if b.gen_from < 0:
@@ -262,24 +264,18 @@ class TransitiveObjective(Objective):
                 for wave in range(len(path) - 1):
                     m = path[wave + 1]
                     n = b.n if wave == len(path) - 2 else self.reserve[m]
-                    need[wave, m] = max(int(need[wave, m]), n)
-                    counts[wave, m] += 1
+                    need[wave] = max(int(need[wave]), n)
+                    counts[wave] += 1
         bs = self.cfg.objective.generation.batch_size
         table = torch.stack([need, (counts + bs - 1) // bs])
         table = all_reduce_(table.to(engine.device), "max").cpu()
-        return [
-            (w, m, int(table[0, w, m]), int(table[1, w, m]))
-            for w in range(W)
-            for m in range(M)
-            if table[1, w, m] > 0
-        ]
+        return [(w, int(table[0, w]), int(table[1, w])) for w in range(W) if table[1, w] > 0]
 
     def _generate(
         self,
         engine: Any,
         fwd: Any,
         jobs: list[Any],
-        modality: int,
         n_max: int,
         n_chunks: int,
         batch: dict[str, Any],
@@ -289,32 +285,33 @@ class TransitiveObjective(Objective):
     ) -> int:
         bs = self.cfg.objective.generation.batch_size
         lay = self.layout
-        off = lay.modalities[modality].offset
         made = 0
         for c in range(n_chunks):
             chunk = jobs[c * bs : (c + 1) * bs]
             # a rank with nothing to generate still runs the call: the others wait on it
-            prompts = [p for (_, _, p, _, _) in chunk] or [torch.tensor([lay.bos_id])]
-            keys = [key for (*_, key) in chunk] or [0]
-            seed = mix64(self.cfg.run.seed, int(batch.get("first_row", 0)), wave, modality, c)
+            prompts = [p for (_, _, p, *_) in chunk] or [torch.tensor([lay.bos_id])]
+            keys = [key for (*_, key, _) in chunk] or [0]
+            rows = [self.sampling(m, n) for (_, _, _, n, _, m) in chunk] or None
+            seed = mix64(self.cfg.run.seed, int(batch.get("first_row", 0)), wave, c)
             gen = torch.Generator().manual_seed(seed % (2**63))
             out, lens = generate(
                 engine.module,
                 prompts,
-                self.sampling(modality, n_max),
+                self.sampling(None, n_max),
                 gen,
                 use_cache=True,
-                fixed_steps=True,
+                fixed_steps=True,  # n_max steps on every rank, whatever its rows
                 forward=fwd,
                 compile_step=self.cfg.objective.generation.compile_decode,
                 row_keys=keys,
+                row_cfgs=rows,
             )
-            for (d, k, _, n, _), row, ln in zip(chunk, out.cpu(), lens.cpu()):
-                ids = (row[: min(int(ln), n)].numpy() - off).astype(np.int64)
+            for (d, k, *_, m), row, ln in zip(chunk, out.cpu(), lens.cpu()):
+                ids = (row[: int(ln)].numpy() - lay.modalities[m].offset).astype(np.int64)
                 made += len(ids)
                 if k >= 0:
                     outputs[d][k] = ids
-                inputs[d][modality] = ids  # the next wave of a chain prompts with it
+                inputs[d][m] = ids  # the next wave of a chain prompts with it
         return made
 
     def _rewrite(

@@ -169,3 +169,25 @@ def test_keyed_sampling_has_the_softmax_distribution() -> None:
     want = torch.softmax(logits[0].double() / 0.8, -1)
     # binomial standard error at n=20000 is <= 0.0036; 5 sigma
     assert (freq - want).abs().max() < 0.018, (freq, want)
+
+
+@pytest.mark.parametrize("top_k", [None, 1])
+def test_one_call_samples_several_modalities_as_separate_calls_would(top_k: int | None) -> None:
+    """Per-row sampling configs: rows of two modalities (own id range, own stops, own length)
+    in one call get the tokens each would get in a call of its own modality (what lets a
+    LoReTTa step generate every modality of a wave in one batched call)."""
+    model, ps = make(), prompts()
+    image = SamplingConfig(max_new_tokens=9, allowed=(20, 50), top_k=top_k)  # fixed length
+    text = SamplingConfig(max_new_tokens=6, allowed=(50, 80), stop_ids=(2, 3), top_k=top_k)
+    keys = [5, 6, 7, 8]
+    rows = [image, text, text, image]
+    base = SamplingConfig(max_new_tokens=9, top_k=top_k)
+    out, lens = generate(model, ps, base, None, fixed_steps=True, row_keys=keys, row_cfgs=rows)
+    for i, r in enumerate(rows):
+        alone, n = generate(model, [ps[i]], r, None, fixed_steps=True, row_keys=[keys[i]])
+        assert int(lens[i]) == int(n[0]) <= r.max_new_tokens, i
+        assert torch.equal(out[i, : int(n[0])], alone[0, : int(n[0])]), i
+        assert (out[i, int(n[0]) :] == base.pad_id).all(), i  # nothing past its own length
+        lo, hi = r.allowed or (0, 0)
+        assert ((out[i, : int(n[0])] >= lo) & (out[i, : int(n[0])] < hi)).all(), i
+    assert int(lens[0]) == 9 and int(lens[3]) == 9  # fixed-length rows never stop early

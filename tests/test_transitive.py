@@ -73,6 +73,29 @@ def test_transitive_documents_are_generated_in_range_and_masked(abc_data: Path) 
         ).all()
 
 
+def test_one_generate_call_per_wave_for_every_modality(
+    abc_data: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks of different modalities in one micro-batch share a call (a decode step costs the
+    same for any mix of rows): one generate call per wave, each row in its own id range."""
+    import loretta.transitive as tr
+
+    _cfg, p, it, model = setup(abc_data)
+    batch = next(it)
+    gen_modalities = {plan.blocks[0].modality for *_, plan, _ in batch["gen_docs"]}
+    assert len(gen_modalities) == 2, gen_modalities  # both links in this micro-batch
+    calls: list[int] = []
+    real = tr.generate
+
+    def counting(*a: Any, **k: Any) -> Any:
+        calls.append(len(a[1]))
+        return real(*a, **k)
+
+    monkeypatch.setattr(tr, "generate", counting)
+    p.objective.prepare(batch, LocalEngine(model), 0)
+    assert calls == [len(batch["gen_docs"])], calls
+
+
 def _generated_target_positions(batch: dict[str, Any], layout: Any) -> torch.Tensor:
     """(B, T) bool: target positions that predict a generated token, found by walking the rows
     (not from the objective's own masks): from the generated block's modality token up to the

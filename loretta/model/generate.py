@@ -35,19 +35,32 @@ def left_pad(prompts: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, to
     return ids, lens
 
 
-def _keep_masks(
-    cfg: SamplingConfig, vocab: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(V,) masks of the ids a sample may take before and from min_new_tokens on (stop ids
-    allowed), built once per call on the device; None when every id is allowed."""
-    if cfg.allowed is None and not cfg.stop_ids:
-        return None
+def _mask_pair(cfg: SamplingConfig, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
     keep = torch.zeros(vocab, dtype=torch.bool)
     lo, hi = cfg.allowed if cfg.allowed is not None else (0, vocab)
     keep[lo:hi] = True
     late = keep.clone()
     if cfg.stop_ids:
         late[list(cfg.stop_ids)] = True
+    return keep, late
+
+
+def _keep_masks(
+    cfg: SamplingConfig,
+    vocab: int,
+    device: torch.device,
+    rows: list[SamplingConfig] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Masks of the ids a sample may take before and from min_new_tokens on (stop ids
+    allowed), built once per call on the device: (V,) from `cfg`, or (N, V) from per-row
+    configs; None when every id is allowed."""
+    if rows is not None:
+        pairs = [_mask_pair(r, vocab) for r in rows]
+        keep, late = torch.stack([k for k, _ in pairs]), torch.stack([lt for _, lt in pairs])
+        return keep.to(device), late.to(device)
+    if cfg.allowed is None and not cfg.stop_ids:
+        return None
+    keep, late = _mask_pair(cfg, vocab)
     return keep.to(device), late.to(device)
 
 
@@ -151,6 +164,7 @@ def generate(
     static_cache: bool | None = None,
     compile_step: bool = False,
     row_keys: list[int] | None = None,
+    row_cfgs: list[SamplingConfig] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sample continuations of `prompts`.
 
@@ -164,6 +178,10 @@ def generate(
     (see KVCache). `compile_step`: run decode steps through torch.compile(mode="reduce-overhead")
     (CUDA graphs on CUDA), over a static cache; `forward` must then be free of collectives
     (weights gathered once, not per layer group).
+    `row_cfgs`: per-row allowed ids, stop ids and max_new_tokens (one call samples several
+    modalities, each row in its own range); `cfg` still gives the call's steps (at least every
+    row's max_new_tokens), temperature, top-k, pad id and min_new_tokens. A row's tokens past
+    its own max_new_tokens are pad_id and not counted.
     """
     fwd = forward or model
     was_training = model.training
@@ -176,12 +194,18 @@ def generate(
     real = slot[None, :] >= (P - lens)[:, None]  # (N, P)
     positions = (slot[None, :] - (P - lens)[:, None]).clamp(min=0)
     doc = real.long() - 1  # pad slots: doc -1, prompt + generated tokens: doc 0
-    out = torch.full((N, cfg.max_new_tokens), cfg.pad_id, dtype=torch.long, device=device)
     done = torch.zeros(N, dtype=torch.bool, device=device)
     gen_len = torch.zeros(N, dtype=torch.long, device=device)
-    stop = torch.tensor(list(cfg.stop_ids) or [-1], device=device)
+    stops = sorted({i for r in row_cfgs for i in r.stop_ids}) if row_cfgs else list(cfg.stop_ids)
+    # a row stops only on its own stop ids: another row's are outside its mask
+    stop = torch.tensor(stops or [-1], device=device)
     gen = device_generator(generator, device)
-    masks = _keep_masks(cfg, model.cfg.vocab_size, device)
+    if row_cfgs is not None:
+        assert len(row_cfgs) == N, (len(row_cfgs), N)
+        assert all(r.max_new_tokens <= cfg.max_new_tokens for r in row_cfgs)
+        row_max = torch.tensor([r.max_new_tokens for r in row_cfgs], device=device)
+    masks = _keep_masks(cfg, model.cfg.vocab_size, device, row_cfgs)
+    out = torch.full((N, cfg.max_new_tokens), cfg.pad_id, dtype=torch.long, device=device)
     keys = None
     if row_keys is not None:
         assert len(row_keys) == len(prompts), (len(row_keys), len(prompts))
@@ -204,6 +228,8 @@ def generate(
     for t in range(cfg.max_new_tokens):
         nxt = _sample(logits, cfg, gen, t, masks, keys)
         is_stop = torch.isin(nxt, stop) & ~done
+        if row_cfgs is not None:
+            is_stop |= t >= row_max  # past its own length: a row is done
         newly = ~done & ~is_stop
         out[:, t] = torch.where(newly, nxt, torch.full_like(nxt, cfg.pad_id))
         gen_len += newly.long()
