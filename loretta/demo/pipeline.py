@@ -87,9 +87,9 @@ CPU = Preset(
     seeds=[2000],
 )
 PRESETS = {
-    # README's first command: one fresh seed, the essential methods (about 15 minutes idle)
+    # README's first command: one fresh seed, the essential methods (935 s on 2 idle cores)
     "cpu": CPU,
-    # bench/demo.py: every control on fresh seeds, same data and budget (about an hour)
+    # bench/demo.py: every control on fresh seeds, same data and budget (6,022 s on 2 cores)
     "bench": replace(
         CPU,
         data=dict(CPU_DATA),
