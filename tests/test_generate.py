@@ -191,3 +191,13 @@ def test_one_call_samples_several_modalities_as_separate_calls_would(top_k: int 
         lo, hi = r.allowed or (0, 0)
         assert ((out[i, : int(n[0])] >= lo) & (out[i, : int(n[0])] < hi)).all(), i
     assert int(lens[0]) == 9 and int(lens[3]) == 9  # fixed-length rows never stop early
+
+
+def test_a_row_stops_only_on_its_own_stop_ids() -> None:
+    """A row without stop ids whose range holds another row's stop ids runs to its length."""
+    model, ps = make(), prompts()[:2]
+    free = SamplingConfig(max_new_tokens=7, allowed=(2, 4))  # may only sample ids 2 and 3
+    stops = SamplingConfig(max_new_tokens=7, allowed=(50, 80), stop_ids=(2, 3))
+    base = SamplingConfig(max_new_tokens=7)
+    out, lens = generate(model, ps, base, None, fixed_steps=True, row_cfgs=[free, stops])
+    assert int(lens[0]) == 7 and ((out[0] == 2) | (out[0] == 3)).all(), (out[0], lens)

@@ -196,9 +196,13 @@ def generate(
     doc = real.long() - 1  # pad slots: doc -1, prompt + generated tokens: doc 0
     done = torch.zeros(N, dtype=torch.bool, device=device)
     gen_len = torch.zeros(N, dtype=torch.long, device=device)
-    stops = sorted({i for r in row_cfgs for i in r.stop_ids}) if row_cfgs else list(cfg.stop_ids)
-    # a row stops only on its own stop ids: another row's are outside its mask
-    stop = torch.tensor(stops or [-1], device=device)
+    # (rows, V) table of stop ids, one row per config: a row stops only on its own stop ids
+    cfgs = row_cfgs if row_cfgs is not None else [cfg]
+    stop = torch.zeros(len(cfgs), model.cfg.vocab_size, dtype=torch.bool)
+    for i, r in enumerate(cfgs):
+        stop[i, list(r.stop_ids)] = True
+    stop = stop.to(device)
+    stop_row = torch.arange(N, device=device) if row_cfgs is not None else torch.zeros_like(lens)
     gen = device_generator(generator, device)
     if row_cfgs is not None:
         assert len(row_cfgs) == N, (len(row_cfgs), N)
@@ -227,7 +231,7 @@ def generate(
     # every `check_every` tokens when steps are not fixed: the device runs ahead of Python
     for t in range(cfg.max_new_tokens):
         nxt = _sample(logits, cfg, gen, t, masks, keys)
-        is_stop = torch.isin(nxt, stop) & ~done
+        is_stop = stop[stop_row, nxt] & ~done
         if row_cfgs is not None:
             is_stop |= t >= row_max  # past its own length: a row is done
         newly = ~done & ~is_stop
