@@ -18,6 +18,18 @@ else
       --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site
   fi
+  # wheels too large to travel zipped (flash-attn-4's CuTe DSL libraries: 92 MB as a wheel),
+  # unpacked here and re-packed with xz: each archive holds a top folder site/
+  for t in .whl/*.tar.xz; do
+    [[ -f $t ]] || continue
+    mkdir -p /tmp/site && tar -xJf "$t" -C /tmp/site --strip-components=1 || exit 1
+    export PYTHONPATH=/tmp/site
+  done
+  # a --target install skips .pth files: nvidia-cutlass-dsl (flash-attn-4) puts its `cutlass`
+  # package on sys.path through one
+  if [[ -d /tmp/site/nvidia_cutlass_dsl/dsl_packages ]]; then
+    export PYTHONPATH=/tmp/site/nvidia_cutlass_dsl/dsl_packages:$PYTHONPATH
+  fi
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export WANDB_MODE=offline WANDB_SILENT=true PYTHONUNBUFFERED=1
@@ -30,7 +42,9 @@ step() {  # step NAME CMD...: run, log to $out/NAME.txt, remember failures
   [[ $steps == all || " $steps " == *" $name "* ]] || return 0
   echo "== $name: $*"
   local t0=$SECONDS
-  "$@" >"$out/$name.txt" 2>&1
+  # STEP_TIMEOUT (s) bounds each step, so that one hang still leaves the others' figures
+  local lim=TIMEOUT_$name # e.g. TIMEOUT_pytest_gpu=120; else STEP_TIMEOUT; else an hour
+  timeout --kill-after=15 "${!lim:-${STEP_TIMEOUT:-3600}}" "$@" >"$out/$name.txt" 2>&1
   local rc=$?
   tail -n 12 "$out/$name.txt"
   echo "== $name: exit $rc in $((SECONDS - t0)) s"
@@ -40,6 +54,24 @@ step() {  # step NAME CMD...: run, log to $out/NAME.txt, remember failures
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
 $py -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__)"
 
+# the 1.1B Llama-style recipe (bf16 ZeRO-3, one GPU, packed 2048-token rows, compiled blocks,
+# fused loss): MFU = tokens/s x (6N + 12·L·d·S) / peak (ANCHORS.md; N without the input
+# embedding; peak 989e12 for H100/H200 bf16 dense)
+run1b=/tmp/gpu-1b-run
+rm -rf "$run1b"
+step pretrain_mfu_1b $py -m torch.distributed.run --nproc_per_node=1 --master_port=29732 \
+  -m loretta.pretrain --config llama_1b --run.run_dir="$run1b" \
+  --data.sources.0.path=synthetic:/tmp/gpu-1b-data --run.device=cuda --run.steps=${STEPS_1B:-40} \
+  --data.micro_batch_size=${MBS_1B:-8} --model.attn_backend=${ATTN_1B:-auto} --optim.warmup_steps=5 --logging.interval=10 \
+  --logging.wandb=disabled --logging.progress=never --checkpoint.interval=0 \
+  --checkpoint.save_final=false
+[[ -f $run1b/metrics.jsonl ]] && cp "$run1b/metrics.jsonl" "$out/pretrain_mfu_1b_metrics.jsonl"
+
+# ZeRO-3 generation inside training on the GPU: naive, hooks + KV cache, gathered once + KV cache,
+# host-sampled (before) and compiled decode, timed alike (median of repeats)
+step transitive_generation_cuda $py bench/transitive_generation.py --device cuda --dim 1024 \
+  --layers 8 --prompts 64 --new 196 --steps ${GEN_STEPS:-6} --compile-decode
+
 # CUDA attention backends (varlen; flash_attn when installed), fused-loss kernels, compiled
 # blocks, on-device sampling, and bf16 ZeRO-3 over NCCL
 step pytest_gpu $py -m pytest -m gpu -q -p no:cacheprovider tests/test_model.py tests/test_zero3.py \
@@ -48,11 +80,6 @@ step pytest_gpu $py -m pytest -m gpu -q -p no:cacheprovider tests/test_model.py 
 # decoder vs transformers on the GPU, bf16, one process (no DeepSpeed)
 step model_step_cuda $py bench/model_step.py --device cuda --dtype bfloat16 --dim 2048 \
   --layers 8 --heads 16 --kv-heads 8 --vocab 32000 --batch 8 --seq 2048 --iters 10
-
-# ZeRO-3 generation inside training on the GPU: naive, hooks + KV cache, gathered once + KV cache,
-# host-sampled (before) and compiled decode, timed alike (median of repeats)
-step transitive_generation_cuda $py bench/transitive_generation.py --device cuda --dim 1024 \
-  --layers 8 --prompts 64 --new 196 --steps 4 --compile-decode
 
 # bf16 ZeRO-3 pretraining throughput and MFU: 8 x 2048-dim layers (~0.4B), packed 2048-token rows
 run=/tmp/gpu-mfu-run
@@ -75,18 +102,6 @@ keys = ("step", "loss", "tokens_per_s", "mfu", "step_time_s", "data_wait_frac",
 print(json.dumps({**{k: last.get(k) for k in keys},
                   **{k: start.get(k) for k in ("device", "peak_flops", "peak_source")}}))
 EOF
-
-# the 1.1B Llama-style recipe (bf16 ZeRO-3, one GPU, packed 2048-token rows, compiled blocks,
-# fused loss): MFU = tokens/s x (6N + 12·L·d·S) / peak (ANCHORS.md; N without the input
-# embedding; peak 989e12 for H100/H200 bf16 dense)
-run1b=/tmp/gpu-1b-run
-rm -rf "$run1b"
-step pretrain_mfu_1b $py -m torch.distributed.run --nproc_per_node=1 --master_port=29732 \
-  -m loretta.pretrain --config llama_1b --run.run_dir="$run1b" \
-  --data.sources.0.path=synthetic:/tmp/gpu-1b-data --run.device=cuda --run.steps=${STEPS_1B:-40} \
-  --optim.warmup_steps=5 --logging.interval=10 --logging.wandb=disabled \
-  --logging.progress=never --checkpoint.interval=0 --checkpoint.save_final=false
-[[ -f $run1b/metrics.jsonl ]] && cp "$run1b/metrics.jsonl" "$out/pretrain_mfu_1b_metrics.jsonl"
 
 # README's first command on the GPU, scaled down (SVL data from SVL_DATA, built elsewhere if
 # espeak-ng is missing here): three methods train on the GPU, evaluation, report

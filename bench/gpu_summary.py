@@ -60,6 +60,7 @@ def summary(out: Path) -> dict[str, Any]:
         "mem_gpu_gb_1b": w1b.get("mem_gpu_gb"),
         "mfu_0p4b": w04.get("mfu"),
         "gen_share": gen.get("generation_share"),
+        "gen_share_compiled": gen.get("gen_share_compiled"),
         "gen_tokens_per_s": {
             "before": gen.get("host_tokens_per_s"),
             "after": gen.get("ours_tokens_per_s"),

@@ -21,6 +21,7 @@ graphs on CUDA).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import socket
@@ -116,26 +117,43 @@ def worker(out: Path, a: argparse.Namespace, overrides: list[str]) -> None:
             times[path].append(timed(lambda path=path: run(path)))
     median = {path: statistics.median(ts) for path, ts in times.items()}
 
-    # a transitive training step: generation (prepare) + forward/backward/step
-    loader, _ = build_loader(cfg, info.rank, info.world_size, None, p.objective.planner_factory())
-    it = iter(loader)
-    gen_s = step_s = 0.0
-    for i in range(a.steps):
-        batch = next(it)
-        E.barrier()
-        t0 = time.perf_counter()
-        batch = p.objective.prepare(batch, eng, i)
-        batch = {k: v.to(eng.device) if torch.is_tensor(v) else v for k, v in batch.items()}
-        t1 = time.perf_counter()
-        tl = eng(batch["tokens"], batch["positions"], batch["doc_ids"], targets=batch["targets"])
-        loss = tl.sum() / (batch["targets"] != -100).sum()
-        eng.backward(loss)
-        eng.step()
-        E.barrier()
-        t2 = time.perf_counter()
-        if i > 0:  # skip the first (warm-up) step
-            gen_s += t1 - t0
-            step_s += t2 - t0
+    # a transitive training step: generation (prepare) + forward/backward/step, with the
+    # configured decoding and, with --compile-decode, with compiled decode steps as well
+    def step_share(objective):  # type: ignore[no-untyped-def]
+        loader, _ = build_loader(cfg, info.rank, info.world_size, None, objective.planner_factory())
+        it = iter(loader)
+        gen_s = step_s = 0.0
+        # untimed warm-up steps first: compiled blocks (model.compile, on by default on CUDA)
+        # recompile once for a symbolic max_seqlen, and that must not count as either part
+        warm = 3
+        for i in range(warm + a.steps):
+            batch = next(it)
+            E.barrier()
+            t0 = time.perf_counter()
+            batch = objective.prepare(batch, eng, i)
+            batch = {k: v.to(eng.device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            t1 = time.perf_counter()
+            tl = eng(batch["tokens"], batch["positions"], batch["doc_ids"], targets=batch["targets"])
+            loss = tl.sum() / (batch["targets"] != -100).sum()
+            eng.backward(loss)
+            eng.step()
+            E.barrier()
+            t2 = time.perf_counter()
+            if i >= warm:
+                gen_s += t1 - t0
+                step_s += t2 - t0
+        return gen_s / step_s, step_s / a.steps
+
+    share, step_time = step_share(p.objective)
+    share_c = step_c = None
+    if a.compile_decode:
+        from loretta.transitive import build as build_objective
+
+        g = dataclasses.replace(cfg.objective.generation, compile_decode=True)
+        ccfg = dataclasses.replace(
+            cfg, objective=dataclasses.replace(cfg.objective, generation=g)
+        )
+        share_c, step_c = step_share(build_objective(ccfg, lay))
     if info.rank == 0:
         (out / "result.json").write_text(
             json.dumps(
@@ -148,8 +166,10 @@ def worker(out: Path, a: argparse.Namespace, overrides: list[str]) -> None:
                     "compiled_tokens_per_s": (
                         n_tokens / median["compiled"] if "compiled" in median else None
                     ),
-                    "generation_share": gen_s / step_s,
-                    "step_s": step_s / (a.steps - 1),
+                    "generation_share": share,
+                    "step_s": step_time,
+                    "generation_share_compiled": share_c,
+                    "step_s_compiled": step_c,
                 }
             )
         )
@@ -263,6 +283,10 @@ def main() -> None:
                 "host_tokens_per_s": round(r["host_tokens_per_s"], 1),
                 "ours_tokens_per_s": round(r["ours_tokens_per_s"], 1),
                 "compiled_tokens_per_s": r["compiled_tokens_per_s"],
+                # the same training steps with compiled decode steps (--compile-decode)
+                "gen_share_compiled": r["generation_share_compiled"],
+                "step_s": round(r["step_s"], 4),
+                "step_s_compiled": r["step_s_compiled"],
                 "repeats": a.repeats,
                 "statistic": "median",
                 "world_size": nproc,

@@ -208,9 +208,11 @@ def _own(
 
 
 def resolve_ds_config(
-    cfg: TrainConfig, world_size: int, load_universal: bool = False
+    cfg: TrainConfig, world_size: int, load_universal: bool = False, compiled: bool = False
 ) -> dict[str, Any]:
-    """The DeepSpeed config dict for this run (raises ConfigError listing every conflict)."""
+    """The DeepSpeed config dict for this run (raises ConfigError listing every conflict).
+    `compiled`: the decoder's blocks run through torch.compile (model.compile resolved for the
+    device, decoder.compile_enabled)."""
     template, where = read_ds_json(cfg.engine.deepspeed_config)
     problems = check_ds_json(template, where)
     if problems:  # the merge below assumes the sections are objects
@@ -263,6 +265,20 @@ def resolve_ds_config(
     stage = zero.get("stage", 0)
     if stage not in (1, 2, 3):
         problems.append(f"{where}: zero_optimization.stage={stage!r}; use 1, 2 or 3 (3 for ZeRO-3)")
+    if compiled and stage == 3:
+        # ZeRO-3 swaps F.linear for its own autograd function (memory_efficient_linear), whose
+        # backward reads each weight's ds_id: dynamo guards on it, so every block recompiles
+        # until the recompile limit (8) and the blocks after it run eager (seen on an H200 with
+        # torch 2.11: 8 of 22 layers compiled). Compiled blocks use torch's linear; the whole
+        # block's weights are gathered for its forward and again for its backward anyway.
+        if zero.get("memory_efficient_linear", False) is not False:
+            problems.append(
+                f"{where}: zero_optimization.memory_efficient_linear="
+                f"{zero['memory_efficient_linear']!r} cannot be used with compiled blocks "
+                f"(model.compile={cfg.model.compile!r}): remove it from the JSON, or set "
+                "model.compile=false"
+            )
+        zero["memory_efficient_linear"] = False
     if ds.get("checkpoint", {}).get("load_universal") not in (None, False):
         problems.append(
             f"{where}: checkpoint.load_universal is set automatically on resume; remove it"

@@ -307,10 +307,8 @@ def build_engine(
     model.activation_checkpointing = cfg.engine.activation_checkpointing
     device = torch.device(deepspeed.get_accelerator().device_name())
     model.set_loss_impl(cfg.model.loss_impl, device)
-    if (
-        model.compile_blocks(cfg.model.compile, device)
-        and ds_config.get("zero_optimization", {}).get("stage", 0) == 3
-    ):
+    compiled = model.compile_blocks(cfg.model.compile, device)
+    if compiled and ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
         # each block becomes one ZeRO-3 unit: its weights are gathered by one hook before the
         # compiled body runs, and no hook fires inside the graph (on its submodules)
         set_z3_leaf_modules(model, [Block])
@@ -329,6 +327,13 @@ def build_engine(
     ds_engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=model_params, config=ds_config
     )
+    patched = getattr(torch.nn.functional.linear, "__module__", "").startswith("deepspeed")
+    if compiled and patched:  # dsconfig turns memory_efficient_linear off for compiled blocks
+        raise RuntimeError(
+            "torch.nn.functional.linear is DeepSpeed's ZeRO-3 linear (memory_efficient_linear), "
+            "which recompiles every compiled block; set zero_optimization.memory_efficient_linear"
+            "=false in the DeepSpeed JSON or model.compile=false"
+        )
     return Engine(ds_engine, ds_config)
 
 

@@ -132,6 +132,25 @@ def test_conflicting_deepspeed_value_is_an_error(tmp_path: Path) -> None:
     assert "train_micro_batch_size_per_gpu" not in msg  # equal values are fine
 
 
+def test_compiled_blocks_turn_off_deepspeeds_zero3_linear(tmp_path: Path) -> None:
+    """DeepSpeed's ZeRO-3 linear makes dynamo recompile every block (it guards on each weight's
+    ds_id): with compiled blocks the resolved config turns it off, and a JSON that asks for it
+    is an error naming the key, the value and the fix."""
+    cfg = load_config("llama_1b")
+    on = resolve_ds_config(cfg, 8, compiled=True)
+    assert on["zero_optimization"]["memory_efficient_linear"] is False
+    off = resolve_ds_config(cfg, 8, compiled=False)
+    assert "memory_efficient_linear" not in off["zero_optimization"]  # DeepSpeed's default
+    f = tmp_path / "ds.json"
+    f.write_text('{"zero_optimization": {"stage": 3, "memory_efficient_linear": true}}')
+    cfg = load_config("tiny", [f"--engine.deepspeed_config={f}", "--model.compile=true"])
+    assert resolve_ds_config(cfg, 2)["zero_optimization"]["memory_efficient_linear"] is True
+    with pytest.raises(ConfigError) as e:
+        resolve_ds_config(cfg, 2, compiled=True)
+    msg = str(e.value)
+    assert "memory_efficient_linear=True" in msg and "model.compile=false" in msg and str(f) in msg
+
+
 @pytest.mark.parametrize("name", ["zero3", "zero3_offload", "zero3_nvme"])
 def test_shipped_deepspeed_configs_parse_and_agree(name: str) -> None:
     cfg = load_config("tiny", [f"--engine.deepspeed_config={name}"])

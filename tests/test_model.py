@@ -200,6 +200,25 @@ def test_cuda_backends_agree_and_isolate_documents(backend: str, window: int | N
         with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
             out = m(ids, pos, doc).float()
         assert (out - ref).abs().max() / ref.abs().max() < tol
+    # gradients too (training runs the kernel's backward): bf16 kernel vs fp32 eager
+    grads = []
+    for name in ("eager", backend):
+        m.zero_grad()
+        if name == "eager":
+            m.backend = "eager"
+        else:
+            m.set_backend(backend, dev)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=name != "eager"):
+            m(ids, pos, doc).float().pow(2).mean().backward()
+        grads.append(
+            torch.cat(
+                [
+                    (p.grad if p.grad is not None else torch.zeros_like(p)).flatten().float()
+                    for p in m.parameters()
+                ]
+            )
+        )
+    assert (grads[1] - grads[0]).norm() / grads[0].norm() < 5e-2
     with torch.autocast("cuda", dtype=torch.bfloat16):
         base = m(ids, pos, doc)
         changed = ids.clone()

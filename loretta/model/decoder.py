@@ -188,6 +188,12 @@ class Block(nn.Module):
         return h + self.dropout(self.feed_forward(self.ffn_norm(h)))
 
 
+def compile_enabled(mode: str | bool, device_type: str) -> bool:
+    """model.compile resolved for a device: 'auto' compiles on CUDA only (on the CPU, compiling
+    costs more than it saves at the sizes that run there)."""
+    return device_type == "cuda" if mode == "auto" else bool(mode)
+
+
 class OutputHead(nn.Linear):
     """The output projection; given targets it returns per-token losses instead of logits,
     fused with the cross-entropy so that the (B*T, V) logits never exist at once."""
@@ -276,7 +282,7 @@ class Decoder(nn.Module):
         releases weights in hooks at module boundaries, which stay outside the graphs).
         mode 'auto': on for CUDA, off elsewhere. Returns whether blocks are compiled."""
         dev = device or self.tok_embeddings.weight.device
-        on = dev.type == "cuda" if mode == "auto" else bool(mode)
+        on = compile_enabled(mode, dev.type)
         for layer in self.layers:
             assert isinstance(layer, Block)
             # dynamic=None: shapes are fixed in training; an int that changes between batches

@@ -29,6 +29,7 @@ from loretta.data.sequences import direction_names
 from loretta.dist import DistInfo
 from loretta.dsconfig import nvme_problems, resolve_ds_config, uses_nvme
 from loretta.errors import ConfigError
+from loretta.model.decoder import compile_enabled
 from loretta.objectives import Objective
 from loretta.train import checkpoint as ckpt
 from loretta.train import runlock
@@ -121,7 +122,8 @@ def prepare(cfg: TrainConfig, info: DistInfo) -> Prepared:
             cfg.checkpoint.init_from, cfg.model, layout, cfg.checkpoint.init_layout
         ).close()  # headers only
     universal = bool(state and state.get("world_size") != info.world_size)
-    ds_config = resolve_ds_config(cfg, info.world_size, load_universal=universal)
+    compiled = compile_enabled(cfg.model.compile, device.type)
+    ds_config = resolve_ds_config(cfg, info.world_size, load_universal=universal, compiled=compiled)
     if problems := nvme_problems(ds_config, cfg.engine.deepspeed_config):
         raise ConfigError(problems, "engine.deepspeed_config")
     objective = build_objective(cfg, layout)  # link graph checked against the layout
