@@ -64,6 +64,21 @@ def _keep_masks(
     return keep.to(device), late.to(device)
 
 
+def _mask(
+    logits: torch.Tensor,
+    cfg: SamplingConfig,
+    t: int = 0,
+    masks: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Mask logits (N, V) to the allowed range plus stop ids (stops from min_new_tokens on)."""
+    if masks is None and (cfg.allowed is not None or cfg.stop_ids):
+        masks = _keep_masks(cfg, logits.shape[-1], logits.device)
+    if masks is not None:
+        keep = masks[1] if t >= cfg.min_new_tokens else masks[0]
+        logits = logits.masked_fill(~keep, float("-inf"))
+    return logits
+
+
 def _restrict(
     logits: torch.Tensor,
     cfg: SamplingConfig,
@@ -71,11 +86,7 @@ def _restrict(
     masks: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Mask logits (N, V) to the allowed range plus stop ids; apply temperature/top-k."""
-    if masks is None and (cfg.allowed is not None or cfg.stop_ids):
-        masks = _keep_masks(cfg, logits.shape[-1], logits.device)
-    if masks is not None:
-        keep = masks[1] if t >= cfg.min_new_tokens else masks[0]
-        logits = logits.masked_fill(~keep, float("-inf"))
+    logits = _mask(logits, cfg, t, masks)
     if cfg.temperature > 0:
         logits = logits / cfg.temperature
     if cfg.top_k is not None and cfg.top_k < logits.shape[-1]:
@@ -123,9 +134,12 @@ def _sample(
     """(N, V) logits -> (N,) ids, on the logits' device (no host sync): `gen` must live there.
     With `row_keys` (N,) the draw is Gumbel-max with noise that is a function of (key, t,
     token) alone: the same distribution, but batching-invariant."""
+    if cfg.temperature <= 0 or cfg.top_k == 1:
+        # greedy: the draw is the argmax of the allowed logits whatever the noise (Gumbel noise
+        # would only break exact ties), so skip top-k and the (N, V) noise: a decode step on
+        # the CPU spends a large share of its time there
+        return _mask(logits.float(), cfg, t, masks).argmax(-1)
     logits = _restrict(logits.float(), cfg, t, masks)
-    if cfg.temperature <= 0:
-        return logits.argmax(-1)
     if row_keys is not None:
         u = keyed_uniform(row_keys, t, logits.shape[-1])
         gumbel = -torch.log(-torch.log(u))
