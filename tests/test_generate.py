@@ -201,3 +201,26 @@ def test_a_row_stops_only_on_its_own_stop_ids() -> None:
     base = SamplingConfig(max_new_tokens=7)
     out, lens = generate(model, ps, base, None, fixed_steps=True, row_cfgs=[free, stops])
     assert int(lens[0]) == 7 and ((out[0] == 2) | (out[0] == 3)).all(), (out[0], lens)
+
+
+def test_greedy_draw_is_the_keyed_gumbel_draw_without_the_noise() -> None:
+    """top_k=1 skips top-k and the (N, V) keyed noise: the token is the one the full path
+    (mask, temperature, top-k 1, Gumbel-max with keyed noise) draws, before and after the stop
+    ids are allowed (min_new_tokens)."""
+    from loretta.model import generate as G
+
+    g = torch.Generator().manual_seed(3)
+    V, N = 50, 64
+    logits = torch.randn(N, V, generator=g) * 3
+    keys = torch.arange(N, dtype=torch.int64) * 7919
+    for t in (0, 5):
+        cfg = SamplingConfig(
+            max_new_tokens=8, allowed=(10, 30), stop_ids=(40,), min_new_tokens=3, top_k=1
+        )
+        masks = G._keep_masks(cfg, V, logits.device)
+        fast = G._sample(logits, cfg, None, t, masks, keys)
+        full = G._restrict(logits.float(), cfg, t, masks)
+        u = G.keyed_uniform(keys, t, V)
+        slow = (full.double() - torch.log(-torch.log(u))).argmax(-1)
+        assert torch.equal(fast, slow)
+        assert ((fast >= 10) & (fast < 30) | ((fast == 40) & (t >= 3))).all()
