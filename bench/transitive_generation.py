@@ -133,7 +133,9 @@ def worker(out: Path, a: argparse.Namespace, overrides: list[str]) -> None:
             batch = objective.prepare(batch, eng, i)
             batch = {k: v.to(eng.device) if torch.is_tensor(v) else v for k, v in batch.items()}
             t1 = time.perf_counter()
-            tl = eng(batch["tokens"], batch["positions"], batch["doc_ids"], targets=batch["targets"])
+            tl = eng(
+                batch["tokens"], batch["positions"], batch["doc_ids"], targets=batch["targets"]
+            )
             loss = tl.sum() / (batch["targets"] != -100).sum()
             eng.backward(loss)
             eng.step()
@@ -150,9 +152,7 @@ def worker(out: Path, a: argparse.Namespace, overrides: list[str]) -> None:
         from loretta.transitive import build as build_objective
 
         g = dataclasses.replace(cfg.objective.generation, compile_decode=True)
-        ccfg = dataclasses.replace(
-            cfg, objective=dataclasses.replace(cfg.objective, generation=g)
-        )
+        ccfg = dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, generation=g))
         share_c, step_c = step_share(build_objective(ccfg, lay))
     if info.rank == 0:
         (out / "result.json").write_text(
