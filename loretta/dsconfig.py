@@ -265,20 +265,22 @@ def resolve_ds_config(
     stage = zero.get("stage", 0)
     if stage not in (1, 2, 3):
         problems.append(f"{where}: zero_optimization.stage={stage!r}; use 1, 2 or 3 (3 for ZeRO-3)")
+    mel = zero.get("memory_efficient_linear", "auto")
     if compiled and stage == 3:
         # ZeRO-3 swaps F.linear for its own autograd function (memory_efficient_linear), whose
         # backward reads each weight's ds_id: dynamo guards on it, so every block recompiles
         # until the recompile limit (8) and the blocks after it run eager (seen on an H200 with
         # torch 2.11: 8 of 22 layers compiled). Compiled blocks use torch's linear; the whole
         # block's weights are gathered for its forward and again for its backward anyway.
-        if zero.get("memory_efficient_linear", False) is not False:
+        if mel not in (False, "auto"):
             problems.append(
-                f"{where}: zero_optimization.memory_efficient_linear="
-                f"{zero['memory_efficient_linear']!r} cannot be used with compiled blocks "
-                f"(model.compile={cfg.model.compile!r}): remove it from the JSON, or set "
-                "model.compile=false"
+                f"{where}: zero_optimization.memory_efficient_linear={mel!r} cannot be used "
+                f"with compiled blocks (model.compile={cfg.model.compile!r}): remove it from "
+                'the JSON or set it to "auto", or set model.compile=false'
             )
         zero["memory_efficient_linear"] = False
+    elif mel == "auto":
+        zero.pop("memory_efficient_linear", None)  # DeepSpeed's default
     if ds.get("checkpoint", {}).get("load_universal") not in (None, False):
         problems.append(
             f"{where}: checkpoint.load_universal is set automatically on resume; remove it"

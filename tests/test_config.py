@@ -149,6 +149,13 @@ def test_compiled_blocks_turn_off_deepspeeds_zero3_linear(tmp_path: Path) -> Non
         resolve_ds_config(cfg, 2, compiled=True)
     msg = str(e.value)
     assert "memory_efficient_linear=True" in msg and "model.compile=false" in msg and str(f) in msg
+    f.write_text('{"zero_optimization": {"stage": 3, "memory_efficient_linear": "auto"}}')
+    cfg = load_config("tiny", [f"--engine.deepspeed_config={f}"])
+    assert (
+        resolve_ds_config(cfg, 2, compiled=True)["zero_optimization"]["memory_efficient_linear"]
+        is False
+    )
+    assert "memory_efficient_linear" not in resolve_ds_config(cfg, 2)["zero_optimization"]
 
 
 @pytest.mark.parametrize("name", ["zero3", "zero3_offload", "zero3_nvme"])
