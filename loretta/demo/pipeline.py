@@ -92,12 +92,11 @@ CPU = Preset(
 PRESETS = {
     # README's first command: one fresh seed, the essential methods
     "cpu": CPU,
-    # bench/demo.py: every control on fresh seeds, same data, 2,000 steps (the budget its
-    # report was measured with: 6,022 s on 2 cores)
+    # bench/demo.py: every control on fresh seeds, same data and budget (its report of
+    # 2026-11-29 was measured at 2,000 steps: `--steps 2000`, 6,022 s on 2 cores)
     "bench": replace(
         CPU,
         data=dict(CPU_DATA),
-        steps=2000,
         methods=["commutative", "loretta", "loretta_faithful", "control", "ceiling"],
         seeds=[1000, 1001, 1002],
     ),
