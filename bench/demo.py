@@ -1,6 +1,7 @@
 """The SVL-digits evidence run: every method and control on fresh seeds, scored on the test
 split, with choices made beforehand on the validation split (docs/demo-results/selection.md).
-About 100 minutes on 2 CPU cores, measured (`--preset gpu` on one H100/H200: not yet run).
+3,050 s on 2 idle CPU cores at the shipped 1,500 steps (`--preset gpu` on one H100/H200: not
+yet run).
 
     python bench/demo.py [--seeds 1000,1001,1002] [--out runs/bench-demo] [--preset bench]
 

@@ -18,13 +18,6 @@ else
       --target /tmp/site .whl/*.whl || exit 1
     export PYTHONPATH=/tmp/site
   fi
-  # wheels too large to travel zipped (flash-attn-4's CuTe DSL libraries: 92 MB as a wheel),
-  # unpacked here and re-packed with xz: each archive holds a top folder site/
-  for t in .whl/*.tar.xz; do
-    [[ -f $t ]] || continue
-    mkdir -p /tmp/site && tar -xJf "$t" -C /tmp/site --strip-components=1 || exit 1
-    export PYTHONPATH=/tmp/site
-  done
   # a --target install skips .pth files: nvidia-cutlass-dsl (flash-attn-4) puts its `cutlass`
   # package on sys.path through one
   if [[ -d /tmp/site/nvidia_cutlass_dsl/dsl_packages ]]; then
@@ -62,7 +55,8 @@ rm -rf "$run1b"
 step pretrain_mfu_1b $py -m torch.distributed.run --nproc_per_node=1 --master_port=29732 \
   -m loretta.pretrain --config llama_1b --run.run_dir="$run1b" \
   --data.sources.0.path=synthetic:/tmp/gpu-1b-data --run.device=cuda --run.steps=${STEPS_1B:-40} \
-  --data.micro_batch_size=${MBS_1B:-8} --model.attn_backend=${ATTN_1B:-auto} --optim.warmup_steps=5 --logging.interval=10 \
+  --data.micro_batch_size=${MBS_1B:-8} --model.attn_backend=${ATTN_1B:-auto} \
+  --optim.warmup_steps=5 --logging.interval=10 \
   --logging.wandb=disabled --logging.progress=never --checkpoint.interval=0 \
   --checkpoint.save_final=false
 [[ -f $run1b/metrics.jsonl ]] && cp "$run1b/metrics.jsonl" "$out/pretrain_mfu_1b_metrics.jsonl"

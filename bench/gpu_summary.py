@@ -3,6 +3,7 @@
     mfu_1b, tokens_per_s_1b   llama_1b recipe, last logging window (compilation excluded)
     mfu_0p4b                  the 8 x 2048-dim (~0.4B) run, for comparison with earlier checks
     gen_share                 share of a transitive training step spent generating
+    gen_share_compiled        the same with compiled decode steps
     gen_tokens_per_s          {"before": host sampling, "after": on-device sampling,
                               "naive": hook-driven uncached, "compiled": compiled decode steps}
     card                      the GPU's name (nvidia-smi)
