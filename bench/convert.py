@@ -5,7 +5,8 @@
 
 The checkpoint is real: one training step of `python -m loretta.pretrain` under torchrun with
 one process (DeepSpeed ZeRO-3, fp32, Adam), saved by DeepSpeed's own save_checkpoint; built once
-and cached in --workdir. Full size: dim 2048, 10 layers, 16 heads, vocabulary 192 = 506.8M
+and cached in --workdir (about 8 GB at full size; `--clean` removes it at the end, the two
+exports are always removed). Full size: dim 2048, 10 layers, 16 heads, vocabulary 192 = 506.8M
 parameters (world size 1 keeps the build within a small machine's memory; the multi-rank
 merge is covered by tests/test_convert.py against zero_to_fp32 at 2 and 3 ranks).
 
@@ -178,6 +179,9 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="default /tmp/loretta-bench-convert[-tiny]")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per side (3; tiny 1)")
     ap.add_argument("--tiny", action="store_true", help="a 123K-parameter model: seconds")
+    ap.add_argument(
+        "--clean", action="store_true", help="remove the workdir (its checkpoint cache) at the end"
+    )
     ap.add_argument("--child", nargs=3, metavar=("SIDE", "STEP", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -205,6 +209,10 @@ def main() -> None:
         for side in ("ours", "theirs") if i % 2 == 0 else ("theirs", "ours"):
             samples[side].append(measure(side, step, outs[side]))
     equal = same_tensors(outs["ours"], outs["theirs"])
+    for out in outs.values():  # two exports of the model: never left behind
+        shutil.rmtree(out, ignore_errors=True)
+    if args.clean:  # the checkpoint too (otherwise kept: the next run reuses it)
+        shutil.rmtree(work, ignore_errors=True)
 
     def med(side: str, key: str) -> float:
         return float(statistics.median(r[key] for r in samples[side]))

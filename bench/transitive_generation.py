@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -255,12 +256,15 @@ def main() -> None:
         *(["--compile-decode"] if a.compile_decode else []),
         *overrides,
     ]
-    res = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
-    if res.returncode != 0:
-        sys.exit(
-            f"worker failed (exit {res.returncode}):\n{res.stdout[-3000:]}{res.stderr[-5000:]}"
-        )
-    r = json.loads((tmp / "result.json").read_text())
+    try:  # the synthetic shards and checkpoints are this run's alone: never left in /tmp
+        res = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+        if res.returncode != 0:
+            sys.exit(
+                f"worker failed (exit {res.returncode}):\n{res.stdout[-3000:]}{res.stderr[-5000:]}"
+            )
+        r = json.loads((tmp / "result.json").read_text())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     for path in ("naive", "hooks_kv", "once_kv"):
         print(
             f"{path:>8}: {r[f'{path}_tokens_per_s']:9.1f} generated tokens/s ({r[f'{path}_s']:.2f}s)"

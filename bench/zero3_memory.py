@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -44,6 +45,34 @@ def worker(out: Path, overrides: list[str]) -> None:
     E.barrier()
 
 
+def measure_worlds(
+    tmp: Path, worlds: list[int], overrides: list[str], env: dict[str, str]
+) -> dict[int, list[dict[str, int]]]:
+    """Per-rank byte counts of one launch per world size."""
+    results: dict[int, list[dict[str, int]]] = {}
+    for n in worlds:
+        out = tmp / f"w{n}"
+        out.mkdir()
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={n}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            __file__,
+            "--worker",
+            str(out),
+            *overrides,
+        ]
+        subprocess.run(cmd, env=env, check=True, cwd=REPO, capture_output=True)
+        results[n] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
+    return results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dim", type=int, default=512)
@@ -74,27 +103,10 @@ def main() -> None:
     if args.tiny:  # the data only feeds prepare(): a few shards are enough
         overrides += ["--data.sources.0.synthetic.samples=200"]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WANDB_MODE="disabled")
-    results: dict[int, list[dict[str, int]]] = {}
-    for n in worlds:
-        out = tmp / f"w{n}"
-        out.mkdir()
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={n}",
-            "--master_addr=127.0.0.1",
-            f"--master_port={port}",
-            __file__,
-            "--worker",
-            str(out),
-            *overrides,
-        ]
-        subprocess.run(cmd, env=env, check=True, cwd=REPO, capture_output=True)
-        results[n] = [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
+    try:  # the synthetic shards and runs are this bench's alone: never left in /tmp
+        results = measure_worlds(tmp, worlds, overrides, env)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     total = sum(r["params"] + r["optimizer"] for r in results[1])
     ratios = {}
     for n in worlds[1:]:

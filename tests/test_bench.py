@@ -38,10 +38,14 @@ def test_bench_tiny_mode(script: str, tmp_path: Path) -> None:
     args = [PY, str(REPO / "bench" / script), "--tiny"]
     if script == "data_throughput.py":
         args += ["--work", str(tmp_path)]
-    res = subprocess.run(
-        args, env=base_env(), capture_output=True, text=True, timeout=600, cwd=tmp_path
-    )
+    tmp = tmp_path / "tmp"  # the benches' own temporary folders land here
+    tmp.mkdir()
+    env = {**base_env(), "TMPDIR": str(tmp)}
+    res = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    # shards, runs and checkpoints of a bench are its own: none is left behind
+    left = [p.name for p in tmp.iterdir() if p.name.startswith(("transgen-", "zero3mem-"))]
+    assert not left, left
     last = json.loads(res.stdout.strip().splitlines()[-1])
     for key in BENCHES[script]:
         assert key in last, (key, last)
@@ -66,3 +70,6 @@ def test_convert_bench_tiny(tmp_path: Path) -> None:
     for key in ("time_ratio", "peak_rss_over_model_bytes", "ours_s", "theirs_s"):
         assert isinstance(result[key], float) and result[key] > 0, key
     assert set(result["samples_s"]) == {"ours", "theirs"}
+    # the two exports are removed, the checkpoint is kept for the next run
+    assert not (tmp_path / "out_ours").exists() and not (tmp_path / "out_theirs").exists()
+    assert (tmp_path / "run" / "checkpoints").is_dir()
