@@ -42,6 +42,9 @@ METHODS: dict[str, Method] = {
     "loretta_p25": Method(("--objective.transitive_prob=0.25",), branch=True),
     "loretta_image_link": Method((IMAGE_LINK_ONLY,), branch=True),
     "control": Method(("--objective.control=other_class",), branch=True),
+    "control_p25": Method(
+        ("--objective.control=other_class", "--objective.transitive_prob=0.25"), branch=True
+    ),
     "ceiling": Method(("--objective.links=[]",), ceiling=True),
 }
 TRUNK = "commutative"
