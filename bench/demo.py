@@ -1,5 +1,5 @@
 """The SVL-digits evidence run: every method and control on fresh seeds, scored on the test
-split, with choices made beforehand on the validation split (docs/demo-results/selection.md).
+split, with choices made beforehand on the validation split (docs/demo-results/README.md).
 3,050 s on 2 idle CPU cores at the shipped 1,500 steps (`--preset gpu` on one H100/H200: not
 yet run).
 

@@ -176,3 +176,23 @@ def test_statistics() -> None:
     assert lo < 0 < hi
     with pytest.raises(ValueError, match="paired"):
         paired_bootstrap([np.zeros(3)], [np.zeros(4)])
+
+
+def test_every_demo_method_is_a_valid_config() -> None:
+    """Each method's overrides resolve on every preset's recipe, and a control differs from its
+    LoReTTa only in where pseudo-modalities are generated from (same documents, same compute)."""
+    from loretta.config import load_config
+    from loretta.configlib import to_dict
+    from loretta.demo.methods import METHODS
+    from loretta.demo.pipeline import PRESETS
+
+    for preset in PRESETS.values():
+        for name, method in METHODS.items():
+            cfg = load_config(preset.recipe, [*preset.overrides, *method.overrides])
+            if name.startswith("control"):
+                twin = METHODS["loretta" + name.removeprefix("control")]
+                same = load_config(preset.recipe, [*preset.overrides, *twin.overrides])
+                assert cfg.objective.control == "other_class", name
+                got, want = to_dict(cfg), to_dict(same)
+                got["objective"].pop("control"), want["objective"].pop("control")
+                assert got == want, name

@@ -17,10 +17,12 @@ the pair that is never seen together.
 4. writes a report folder: summary.md (per-seed values, mean ± sample std, paired bootstrap
    interval of LoReTTa - commutative), metrics.json with every item's outcome, plots.
 
-Methods: gpt (one fixed direction), commutative, loretta (the recipe's decoding, selected on
-validation), loretta_faithful (the authors' pseudocode: sampling at temperature 1), the decoding
-candidates loretta_greedy / loretta_t05, control (pseudo-modalities generated from a sample of
-another class) and ceiling (trained with real image-speech pairs too).
+Methods: gpt (one fixed direction), commutative, loretta (the recipe's decoding and transitive
+share, selected on validation), loretta_faithful (the authors' pseudocode: sampling at
+temperature 1), control (pseudo-modalities generated from a sample of another class) and ceiling
+(trained with real image-speech pairs too); the validation candidates loretta_greedy /
+loretta_t05 (decoding), loretta_p50 / control_p50 (the earlier transitive_prob 0.5) and
+loretta_image_link (only the image-generating link).
 """
 
 from __future__ import annotations
