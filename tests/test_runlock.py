@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -66,6 +67,62 @@ def test_a_forked_child_does_not_keep_a_dead_jobs_lock(tmp_path: Path) -> None:
         lock.release()
     finally:
         os.kill(child, signal.SIGKILL)
+
+
+def _exited_holder_with_heir(run: Path) -> int:
+    """A job that took the lock, started a process inheriting the lock file, and was killed.
+    Returns the heir's pid: it keeps the flock although the named holder is gone."""
+    code = (
+        "import os, subprocess, sys; from pathlib import Path; "
+        "from loretta.train.runlock import hold_run_dir; "
+        f"l = hold_run_dir(Path({str(run)!r})); "
+        "c = subprocess.Popen(['sleep', '60'], pass_fds=(l.fd,), stdout=subprocess.DEVNULL, "
+        "stderr=subprocess.DEVNULL); "
+        "print(c.pid, flush=True); os.kill(os.getpid(), 9)"
+    )
+    res = subprocess.run([PY, "-c", code], env=base_env(), capture_output=True, text=True)
+    assert res.returncode == -9, res.stderr
+    return int(res.stdout.split()[0])
+
+
+def test_a_just_exited_holder_is_waited_for(tmp_path: Path) -> None:
+    # a requeued job restarting on the node where the killed one ran: the kernel may drop the
+    # old lock a moment after the old process is gone (its other threads still exiting)
+    run = tmp_path / "run"
+    heir = _exited_holder_with_heir(run)
+    killer = threading.Timer(1.0, os.kill, (heir, signal.SIGKILL))
+    killer.start()
+    try:
+        t0 = time.time()
+        lock = hold_run_dir(run, exit_wait_s=20)
+        assert lock is not None and 0.9 < time.time() - t0 < 15
+        lock.release()
+    finally:
+        killer.cancel()
+        if not _gone(heir):
+            os.kill(heir, signal.SIGKILL)
+
+
+def test_a_lock_kept_by_an_heir_is_named_after_the_wait(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    heir = _exited_holder_with_heir(run)
+    try:
+        t0 = time.time()
+        with pytest.raises(RunDirBusy, match=r"has exited, but 1 s later .* `fuser -v "):
+            hold_run_dir(run, exit_wait_s=1)
+        assert 0.9 < time.time() - t0 < 10
+    finally:
+        os.kill(heir, signal.SIGKILL)
+
+
+def test_a_live_holder_is_refused_without_waiting(tmp_path: Path) -> None:
+    lock = hold_run_dir(tmp_path / "run")
+    t0 = time.time()
+    with pytest.raises(RunDirBusy, match="in use by another job"):
+        hold_run_dir(tmp_path / "run", exit_wait_s=30)
+    assert time.time() - t0 < 2
+    assert lock is not None
+    lock.release()
 
 
 def _gone(pid: int) -> bool:

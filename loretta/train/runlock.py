@@ -83,29 +83,72 @@ def describe(text: str) -> str:
         return "an unknown holder"
 
 
-def hold_run_dir(run_dir: Path, rank: int = 0) -> RunLock | None:
-    """Rank 0 takes the run folder's lock (kept until the process ends or `release`)."""
+def _holder_exited(text: str) -> bool:
+    """The holder named in the lock file ran on this host and is gone or a zombie.
+
+    Its lock can outlive it briefly: a process's main thread turns zombie at exit while its
+    other threads (gloo, data loading) are still being torn down, and the kernel drops the
+    flock only when the last of them has closed the file."""
+    try:
+        h = json.loads(text)
+        if h.get("host") != socket.gethostname():
+            return False
+        stat = Path(f"/proc/{int(h['pid'])}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X")
+
+
+def _try_lock(fd: int, exit_wait_s: float) -> bool:
+    """flock `fd`; if the named holder has exited on this host, wait up to `exit_wait_s`
+    for the kernel to drop its lock. False: a live job holds it."""
+    deadline = time.monotonic() + exit_wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            text = os.pread(fd, 4096, 0).decode(errors="replace")
+            if not _holder_exited(text) or time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
+
+
+def hold_run_dir(run_dir: Path, rank: int = 0, exit_wait_s: float = 30.0) -> RunLock | None:
+    """Rank 0 takes the run folder's lock (kept until the process ends or `release`).
+
+    A live holder fails us at once; a holder that has just exited on this host (a requeued
+    job restarting where the killed one ran) is waited for, up to `exit_wait_s`."""
     if rank != 0:
         return None
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        text = os.pread(fd, 4096, 0).decode(errors="replace")
-        os.close(fd)
-        raise RunDirBusy(
-            f"run folder {run_dir} is in use by another job ({describe(text)}; lock file "
-            f"{path}). Two jobs writing and pruning one folder would corrupt it: wait for that "
-            "job to end or stop it, or give this one another run.name / run.run_dir"
-        ) from None
+        locked = _try_lock(fd, exit_wait_s)
     except OSError as e:
         os.close(fd)
         raise RunDirBusy(
             f"cannot lock {path} ({e}): this filesystem has no file locks. Put run.run_dir on "
             "a filesystem that supports flock (local disk, NFS, Lustre mounted with -o flock)"
         ) from e
+    if not locked:
+        text = os.pread(fd, 4096, 0).decode(errors="replace")
+        os.close(fd)
+        if _holder_exited(text):
+            raise RunDirBusy(
+                f"run folder {run_dir}: its last job ({describe(text)}) has exited, but "
+                f"{exit_wait_s:.0f} s later its lock file {path} is still held by a process that "
+                f"inherited it (one the job started). Find it with `fuser -v {path}` and stop "
+                "it before starting a job on this folder"
+            )
+        raise RunDirBusy(
+            f"run folder {run_dir} is in use by another job ({describe(text)}; lock file "
+            f"{path}). Two jobs writing and pruning one folder would corrupt it: wait for that "
+            "job to end or stop it, or give this one another run.name / run.run_dir"
+        )
     old = os.pread(fd, 4096, 0).decode(errors="replace")
     if old.strip():
         print(
