@@ -133,6 +133,10 @@ class LinkConfig:
     prompt: str = ""
     target: str = ""
     via: list[str] = field(default_factory=list)
+    # this link's chance that a sample becomes a transitive document; None: the objective's
+    # transitive_prob. Links erode and use the generator differently (on SVL-digits the
+    # [<speech> S' <image> I] documents erode text -> image generation), so each has its own
+    transitive_prob: float | None = None
 
 
 @dataclass
@@ -182,6 +186,17 @@ class ObjectiveConfig:
                 f"{p}.transitive_prob + all_modalities_prob = "
                 f"{self.transitive_prob + self.all_modalities_prob}: must not exceed 1"
             )
+        for i, lc in enumerate(self.links):
+            lp = lc.transitive_prob
+            if lp is None:
+                continue
+            if not 0.0 <= lp <= 1.0:
+                out.append(f"{p}.links.{i}.transitive_prob={lp}: must be a probability in [0, 1]")
+            elif lp + self.all_modalities_prob > 1.0 + 1e-9:
+                out.append(
+                    f"{p}.links.{i}.transitive_prob + all_modalities_prob = "
+                    f"{lp + self.all_modalities_prob}: must not exceed 1"
+                )
         if self.control != "none" and not self.links:
             out.append(
                 f"{p}.control={self.control!r} needs objective.links (it changes how transitive "

@@ -38,6 +38,7 @@ from loretta.vocab import VocabLayout, encode
 class Link:
     path: tuple[int, ...]  # modality indices: real prompt, intermediate generated..., generated
     target: int  # the real modality trained after the generated block
+    prob: float  # chance that a sample of its source becomes a transitive document
 
     @property
     def prompt(self) -> int:
@@ -86,7 +87,9 @@ def resolve_links(cfg: TrainConfig, layout: VocabLayout) -> dict[int, list[Link]
         if bad or lc.source not in names:
             continue
         path = tuple(layout.index(m) for m in [lc.prompt, *lc.via, lc.generate])
-        out.setdefault(names.index(lc.source), []).append(Link(path, layout.index(lc.target)))
+        prob = cfg.objective.transitive_prob if lc.transitive_prob is None else lc.transitive_prob
+        link = Link(path, layout.index(lc.target), prob)
+        out.setdefault(names.index(lc.source), []).append(link)
     if problems:
         raise ConfigError(problems, "objective")
     return out
@@ -104,7 +107,6 @@ class _Planner:
         world: int,
     ) -> None:
         self.builder, self.links, self.reserve = builder, links, reserve
-        self.p_trans = cfg.objective.transitive_prob
         self.p_all = cfg.objective.all_modalities_prob
         # transitive documents start at this global row: objective.transitive_start is a
         # fraction of run.steps, turned into rows once, with the world size the run *starts*
@@ -130,10 +132,11 @@ class _Planner:
             if lengths[lk.prompt] > 0 and lengths[lk.target] > 0
         ]
         u = unit_float(mix64(h, 7))
-        if links and row >= self.start_row and u < self.p_trans + self.p_all:
-            link = links[mix64(h, 8) % len(links)]
+        # the link is drawn independently of u, so a single transitive_prob plans as before
+        link = links[mix64(h, 8) % len(links)] if links else None
+        if link is not None and row >= self.start_row and u < link.prob + self.p_all:
             gen = Block(link.generate, self.reserve[link.generate], link.prompt)
-            if u < self.p_trans:  # [<c> C' <a> A]: the real target after the generated block
+            if u < link.prob:  # [<c> C' <a> A]: the real target after the generated block
                 wanted = [gen, Block(link.target, int(lengths[link.target]))]
             else:  # every real modality and the generated one, in a seeded order
                 real = [Block(m, int(n)) for m, n in enumerate(lengths) if n > 0]

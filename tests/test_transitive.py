@@ -192,6 +192,11 @@ BAD = [
     ),
     (["--objective.generation.max_tokens={}"], "set objective.generation.max_tokens.c"),
     (["--objective.transitive_prob=1.5"], "objective.transitive_prob=1.5"),
+    (["--objective.links.1.transitive_prob=-0.1"], "objective.links.1.transitive_prob=-0.1"),
+    (
+        ["--objective.links.0.transitive_prob=0.8", "--objective.all_modalities_prob=0.3"],
+        "objective.links.0.transitive_prob + all_modalities_prob = 1.1",
+    ),
     (["--objective.links.0.via=[b]"], "cycle"),
 ]
 
@@ -273,6 +278,37 @@ def test_transitive_documents_start_after_the_configured_fraction(abc_data: Path
     assert all(not b["gen_docs"] for b in batches[:5])  # rows before the start: real only
     assert all(not b["gen_docs"] for b in batches[: first // 8])
     assert all(b["gen_docs"] for b in batches[first // 8 :])
+
+
+def test_each_link_has_its_own_transitive_prob(abc_data: Path) -> None:
+    # link 0 (source ab) always, link 1 (source bc) never
+    _, _, it, _ = setup(
+        abc_data, "--objective.links.0.transitive_prob=1.0", "--objective.links.1.transitive_prob=0"
+    )
+    docs = [next(it)["gen_docs"] for _ in range(4)]
+    by_source = [d[3].source for batch in docs for d in batch]
+    assert by_source and set(by_source) == {0}
+    # link 1 at 0.25 against 0.75: its documents become transitive about a third as often
+    rates = []
+    for p1 in (0.25, 0.75):
+        _, _, it, _ = setup(abc_data, f"--objective.links.1.transitive_prob={p1}")
+        n = sum(d[3].source == 1 for _ in range(12) for d in next(it)["gen_docs"])
+        rates.append(n)
+    assert 0.15 < rates[0] / rates[1] < 0.6, rates
+
+
+def test_a_per_link_prob_equal_to_the_objectives_plans_the_same(abc_data: Path) -> None:
+    # runs planned before links had their own probability are planned identically now
+    plain = setup(abc_data)[2]
+    same = setup(
+        abc_data,
+        "--objective.links.0.transitive_prob=0.5",
+        "--objective.links.1.transitive_prob=0.5",
+    )[2]
+    other = setup(abc_data, "--objective.links.0.transitive_prob=0.3")[2]
+    a, b, c = ([next(i)["tokens"] for _ in range(4)] for i in (plain, same, other))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c, strict=True))
 
 
 def test_objectives_module_does_not_import_transitive() -> None:

@@ -9,6 +9,16 @@ P50 = "--objective.transitive_prob=0.5"
 IMAGE_LINK_ONLY = "--objective.links=[{source: ls, prompt: text, generate: image, target: speech}]"
 
 
+def per_link(speech: float, image: float) -> str:
+    """Both links, each with its own transitive_prob: `speech` for [<speech> S' <image> I]
+    documents (from vl samples), `image` for [<image> I' <speech> S] (from ls samples)."""
+    return (
+        "--objective.links=["
+        f"{{source: vl, prompt: text, generate: speech, target: image, transitive_prob: {speech}}}, "
+        f"{{source: ls, prompt: text, generate: image, target: speech, transitive_prob: {image}}}]"
+    )
+
+
 @dataclass(frozen=True)
 class Method:
     overrides: tuple[str, ...] = ()
@@ -43,6 +53,17 @@ METHODS: dict[str, Method] = {
     "control_p50": Method(("--objective.control=other_class", P50), branch=True),
     "loretta_image_link": Method((IMAGE_LINK_ONLY, P50), branch=True),
     "control": Method(("--objective.control=other_class",), branch=True),
+    # the third round's candidates (docs/demo-results): the image-generating link at 0.5, which
+    # alone kept the text -> image generator learning, with the eroding speech link at 0.25 or
+    # 0.125
+    "loretta_image_p50": Method((per_link(0.25, 0.5),), branch=True),
+    "control_image_p50": Method(
+        (per_link(0.25, 0.5), "--objective.control=other_class"), branch=True
+    ),
+    "loretta_image_p50_speech_p125": Method((per_link(0.125, 0.5),), branch=True),
+    "control_image_p50_speech_p125": Method(
+        (per_link(0.125, 0.5), "--objective.control=other_class"), branch=True
+    ),
     "ceiling": Method(("--objective.links=[]",), ceiling=True),
 }
 TRUNK = "commutative"
