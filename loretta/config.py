@@ -174,28 +174,25 @@ class ObjectiveConfig:
 
     def problems(self, sources: list[str], p: str = "objective") -> list[str]:
         out = []
+        # the objective's share and each link's own: in [0, 1], and at most 1 with the
+        # all-modalities share (one draw decides between the two)
+        shares = [("transitive_prob", self.transitive_prob)] + [
+            (f"links.{i}.transitive_prob", lc.transitive_prob)
+            for i, lc in enumerate(self.links)
+            if lc.transitive_prob is not None
+        ]
         for name, v in (
-            ("transitive_prob", self.transitive_prob),
+            *shares,
             ("all_modalities_prob", self.all_modalities_prob),
             ("transitive_start", self.transitive_start),
         ):
             if not 0.0 <= v <= 1.0:
                 out.append(f"{p}.{name}={v}: must be a probability in [0, 1]")
-        if self.transitive_prob + self.all_modalities_prob > 1.0 + 1e-9:
-            out.append(
-                f"{p}.transitive_prob + all_modalities_prob = "
-                f"{self.transitive_prob + self.all_modalities_prob}: must not exceed 1"
-            )
-        for i, lc in enumerate(self.links):
-            lp = lc.transitive_prob
-            if lp is None:
-                continue
-            if not 0.0 <= lp <= 1.0:
-                out.append(f"{p}.links.{i}.transitive_prob={lp}: must be a probability in [0, 1]")
-            elif lp + self.all_modalities_prob > 1.0 + 1e-9:
+        for name, v in shares:
+            if 0.0 <= v <= 1.0 and v + self.all_modalities_prob > 1.0 + 1e-9:
                 out.append(
-                    f"{p}.links.{i}.transitive_prob + all_modalities_prob = "
-                    f"{lp + self.all_modalities_prob}: must not exceed 1"
+                    f"{p}.{name} + all_modalities_prob = {v + self.all_modalities_prob}: "
+                    "must not exceed 1"
                 )
         if self.control != "none" and not self.links:
             out.append(

@@ -21,7 +21,7 @@ Methods: gpt (one fixed direction), commutative, loretta (the recipe's decoding 
 share, selected on validation), loretta_faithful (the authors' pseudocode: sampling at
 temperature 1), control (pseudo-modalities generated from a sample of another class) and ceiling
 (trained with real image-speech pairs too); the validation candidates loretta_greedy /
-loretta_t05 (decoding), loretta_p50 / control_p50 (the earlier transitive_prob 0.5),
+loretta_t05 (decoding), loretta_p50 / loretta_p25 and their controls (both links at 0.5 or 0.25),
 loretta_image_link (only the image-generating link), and loretta_image_p50 /
 loretta_image_p50_speech_p125 with their controls (each link with its own transitive_prob).
 """

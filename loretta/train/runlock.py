@@ -101,18 +101,18 @@ def _holder_exited(text: str) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] in ("Z", "X")
 
 
-def _try_lock(fd: int, exit_wait_s: float) -> bool:
+def _try_lock(fd: int, exit_wait_s: float) -> str | None:
     """flock `fd`; if the named holder has exited on this host, wait up to `exit_wait_s`
-    for the kernel to drop its lock. False: a live job holds it."""
+    for the kernel to drop its lock. None: locked; else the holder's text (still held)."""
     deadline = time.monotonic() + exit_wait_s
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
+            return None
         except BlockingIOError:
             text = os.pread(fd, 4096, 0).decode(errors="replace")
             if not _holder_exited(text) or time.monotonic() > deadline:
-                return False
+                return text
             time.sleep(0.1)
 
 
@@ -127,15 +127,14 @@ def hold_run_dir(run_dir: Path, rank: int = 0, exit_wait_s: float = 30.0) -> Run
     path = run_dir / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        locked = _try_lock(fd, exit_wait_s)
+        text = _try_lock(fd, exit_wait_s)
     except OSError as e:
         os.close(fd)
         raise RunDirBusy(
             f"cannot lock {path} ({e}): this filesystem has no file locks. Put run.run_dir on "
             "a filesystem that supports flock (local disk, NFS, Lustre mounted with -o flock)"
         ) from e
-    if not locked:
-        text = os.pread(fd, 4096, 0).decode(errors="replace")
+    if text is not None:
         os.close(fd)
         if _holder_exited(text):
             raise RunDirBusy(
