@@ -150,6 +150,18 @@ class GenerationConfig:
     # decode steps through torch.compile(mode="reduce-overhead") over a static KV cache (CUDA
     # graphs on CUDA); needs gather 'once' (a graph cannot hold the per-group gathers)
     compile_decode: bool = False
+    # per-modality decoding: a block of modality m is decoded with these instead of temperature
+    # / top_k (e.g. greedy speech and sampled images). The monitor and the demo's by-generation
+    # scoring decode each modality the same way
+    temperature_by_modality: dict[str, float] = field(default_factory=dict)
+    top_k_by_modality: dict[str, int] = field(default_factory=dict)
+
+    def decoding(self, modality: str) -> tuple[float, int]:
+        """(temperature, top_k) for blocks of `modality` (top_k 0: off; 1: greedy)."""
+        return (
+            self.temperature_by_modality.get(modality, self.temperature),
+            self.top_k_by_modality.get(modality, self.top_k),
+        )
 
 
 @dataclass
@@ -202,12 +214,18 @@ class ObjectiveConfig:
         if self.control != "none" and not self.control_label_key:
             out.append(f"{p}.control_label_key: empty; name the metadata key holding the class")
         g = self.generation
-        if not 0 <= g.temperature <= 100:
-            out.append(
-                f"{p}.generation.temperature={g.temperature}: must be in [0, 100] (0 = greedy)"
-            )
-        if g.top_k < 0:
-            out.append(f"{p}.generation.top_k={g.top_k}: must be >= 0 (0 = off)")
+        temps = [("temperature", g.temperature)] + [
+            (f"temperature_by_modality.{m}", v) for m, v in g.temperature_by_modality.items()
+        ]
+        for name, v in temps:
+            if not 0 <= v <= 100:
+                out.append(f"{p}.generation.{name}={v}: must be in [0, 100] (0 = greedy)")
+        top_ks = [("top_k", g.top_k)] + [
+            (f"top_k_by_modality.{m}", v) for m, v in g.top_k_by_modality.items()
+        ]
+        for name, v in top_ks:
+            if v < 0:
+                out.append(f"{p}.generation.{name}={v}: must be >= 0 (0 = off)")
         for name in ("layers_per_group", "batch_size"):
             v = getattr(g, name)
             if not 1 <= v <= MAX_ROWS:

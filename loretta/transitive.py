@@ -90,6 +90,17 @@ def resolve_links(cfg: TrainConfig, layout: VocabLayout) -> dict[int, list[Link]
         prob = cfg.objective.transitive_prob if lc.transitive_prob is None else lc.transitive_prob
         link = Link(path, layout.index(lc.target), prob)
         out.setdefault(names.index(lc.source), []).append(link)
+    g = cfg.objective.generation
+    for field_name, table in (
+        ("temperature_by_modality", g.temperature_by_modality),
+        ("top_k_by_modality", g.top_k_by_modality),
+    ):
+        for m in table:
+            if m not in layout:
+                problems.append(
+                    f"objective.generation.{field_name}.{m}: not a modality of the vocabulary "
+                    f"layout {layout.names}; use one of those names"
+                )
     if problems:
         raise ConfigError(problems, "objective")
     return out
@@ -187,12 +198,13 @@ class TransitiveObjective(Objective):
         """How a block of `modality` is decoded (None: any id, no stop: a call's base)."""
         g = self.cfg.objective.generation
         m = None if modality is None else self.layout.modalities[modality]
+        temperature, top_k = (g.temperature, g.top_k) if m is None else g.decoding(m.name)
         return SamplingConfig(
             max_new_tokens=n,
             allowed=None if m is None else (m.offset, m.stop),
             stop_ids=() if m is None or m.fixed_length is not None else self.stop_ids,
-            temperature=g.temperature,
-            top_k=g.top_k or None,
+            temperature=temperature,
+            top_k=top_k or None,
             pad_id=self.layout.pad_id,
         )
 

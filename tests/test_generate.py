@@ -171,17 +171,37 @@ def test_keyed_sampling_has_the_softmax_distribution() -> None:
     assert (freq - want).abs().max() < 0.018, (freq, want)
 
 
-@pytest.mark.parametrize("top_k", [None, 1])
-def test_one_call_samples_several_modalities_as_separate_calls_would(top_k: int | None) -> None:
-    """Per-row sampling configs: rows of two modalities (own id range, own stops, own length)
-    in one call get the tokens each would get in a call of its own modality (what lets a
-    LoReTTa step generate every modality of a wave in one batched call)."""
+@pytest.mark.parametrize(
+    ("image_dec", "text_dec"),
+    [
+        ((1.0, None), (1.0, None)),
+        ((1.0, 1), (1.0, 1)),
+        ((1.0, None), (1.0, 1)),
+        ((0.5, 4), (0.0, None)),
+    ],
+    ids=["sampled", "greedy", "sampled-images-greedy-text", "t05-top4-images-t0-text"],
+)
+def test_one_call_samples_several_modalities_as_separate_calls_would(
+    image_dec: tuple[float, int | None], text_dec: tuple[float, int | None]
+) -> None:
+    """Per-row sampling configs: rows of two modalities (own id range, own stops, own length,
+    own temperature and top-k) in one call get the tokens each would get in a call of its own
+    modality (what lets a LoReTTa step generate every modality of a wave in one batched call,
+    with per-modality decoding)."""
     model, ps = make(), prompts()
-    image = SamplingConfig(max_new_tokens=9, allowed=(20, 50), top_k=top_k)  # fixed length
-    text = SamplingConfig(max_new_tokens=6, allowed=(50, 80), stop_ids=(2, 3), top_k=top_k)
+    image = SamplingConfig(  # fixed length
+        max_new_tokens=9, allowed=(20, 50), temperature=image_dec[0], top_k=image_dec[1]
+    )
+    text = SamplingConfig(
+        max_new_tokens=6,
+        allowed=(50, 80),
+        stop_ids=(2, 3),
+        temperature=text_dec[0],
+        top_k=text_dec[1],
+    )
     keys = [5, 6, 7, 8]
     rows = [image, text, text, image]
-    base = SamplingConfig(max_new_tokens=9, top_k=top_k)
+    base = SamplingConfig(max_new_tokens=9, temperature=0.3, top_k=2)  # the rows' decoding wins
     out, lens = generate(model, ps, base, None, fixed_steps=True, row_keys=keys, row_cfgs=rows)
     for i, r in enumerate(rows):
         alone, n = generate(model, [ps[i]], r, None, fixed_steps=True, row_keys=[keys[i]])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from loretta.demo import scoring
-from loretta.demo.svl_data import build_svl_digits, svl_config
+from loretta.demo.svl_data import MODALITIES, build_svl_digits, svl_config
 from loretta.model import Decoder
 from loretta.model.config import DecoderConfig
 from loretta.stats import chance_band, fmt_mean_std, mean_std, paired_bootstrap
@@ -61,7 +61,9 @@ def test_untrained_models_score_chance_on_every_zero_shot_score(svl: dict[str, P
     K = 12
     for seed in range(K):
         model = untrained(layout, seed)
-        res = scoring.evaluate_model(model, layout, svl, ev, 10, (1.0, 0), only_missing=True)
+        res = scoring.evaluate_model(
+            model, layout, svl, ev, 10, dict.fromkeys(MODALITIES, (1.0, 0)), only_missing=True
+        )
         for a, b in scoring.MISSING:
             for kind in ("retrieval", "generation"):
                 k = f"{kind}/{a}->{b}"
@@ -108,7 +110,9 @@ def test_selection_on_validation_never_reads_test(svl: dict[str, Path], tmp_path
             shutil.copytree(v, data[k])
     layout = open_dataset(str(data["val"])).layout
     ev = scoring.load_eval_data(data, "val", 2)
-    res = scoring.evaluate_model(untrained(layout, 0), layout, data, ev, 10, (1.0, 1))
+    res = scoring.evaluate_model(
+        untrained(layout, 0), layout, data, ev, 10, dict.fromkeys(MODALITIES, (1.0, 1))
+    )
     assert set(res["items"]) == {
         f"{k}/{a}->{b}" for k in ("retrieval", "generation") for a, b in scoring.MISSING
     }

@@ -50,6 +50,7 @@ from loretta.demo.report import (
     write_report,
 )
 from loretta.demo.scoring import MISSING, evaluate, load_eval_data, raw_probes
+from loretta.demo.svl_data import MODALITIES
 
 
 @dataclass
@@ -216,14 +217,13 @@ def train(
     return ckpts
 
 
-def method_decoding(method: str, preset: Preset, extra: list[str]) -> tuple[float, int]:
-    spec = METHODS[method]
-    if spec.decoding is not None:
-        return spec.decoding
+def method_decoding(method: str, preset: Preset, extra: list[str]) -> dict[str, tuple[float, int]]:
+    """modality -> (temperature, top_k) the method's run decodes it with (from its config)."""
     from loretta.config import load_config
 
-    g = load_config(preset.recipe, [*preset.overrides, *extra]).objective.generation
-    return (g.temperature, g.top_k)
+    over = [*preset.overrides, *METHODS[method].overrides, *extra]
+    g = load_config(preset.recipe, over).objective.generation
+    return {m: g.decoding(m) for m in MODALITIES}
 
 
 # ---- summary ------------------------------------------------------------------------------------
@@ -292,7 +292,10 @@ def run(
         "gallery_per_class": preset.gallery_per_class,
         "seen_items": preset.seen_items,
         "raw_probes": raw_probes(ev, layout),
-        "decoding": {m: {"temperature": d[0], "top_k": d[1]} for m, d in decoding.items()},
+        "decoding": {
+            m: {mod: {"temperature": t, "top_k": k} for mod, (t, k) in d.items()}
+            for m, d in decoding.items()
+        },
         "wall_s": time.time() - t0,
         "monitor_plot": has_monitor,
         "nproc": nproc,

@@ -73,7 +73,11 @@ def raw_probes(ev: EvalData, layout: Any) -> dict[str, float]:
 
 
 def evaluate(
-    ckpt: Path, data: dict[str, Path], ev: EvalData, seen_items: int, decoding: tuple[float, int]
+    ckpt: Path,
+    data: dict[str, Path],
+    ev: EvalData,
+    seen_items: int,
+    decoding: dict[str, tuple[float, int]],
 ) -> dict[str, Any]:
     from loretta.checkpoint.load import load_model
 
@@ -87,10 +91,11 @@ def evaluate_model(
     data: dict[str, Path],
     ev: EvalData,
     seen_items: int,
-    decoding: tuple[float, int],
+    decoding: dict[str, tuple[float, int]],
     only_missing: bool = False,
 ) -> dict[str, Any]:
     """Every score of one model on one split (ev), plus classifiers fit on training splits.
+    decoding: modality -> (temperature, top_k) its samples are drawn with (the method's own).
     only_missing: just the missing pair's retrieval and by-generation scores."""
     from loretta.eval import (
         fit_linear,
@@ -125,9 +130,9 @@ def evaluate_model(
             res["items"][f"retrieval/{src}->{dst}"] = correct.astype(int).tolist()
     # by generation: sample dst with the method's decoding, label it with a classifier of real
     # training samples of dst; the generator pairs say what the transitive documents carry
-    temperature, top_k = decoding
     classifiers: dict[str, Any] = {}
     for src, dst in MISSING + ([] if only_missing else GENERATOR):
+        temperature, top_k = decoding[dst]
         if dst not in classifiers:
             real, labels = labelled(str(data[TRAIN_SPLIT[dst]]), [dst], limit=2000)
             classifiers[dst] = fit_linear(

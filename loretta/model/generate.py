@@ -7,7 +7,7 @@ tokens never attend to them, and positions start at 0 at each prompt's first rea
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -148,6 +148,41 @@ def _sample(
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
+_Group = tuple[
+    SamplingConfig,
+    torch.Tensor,
+    tuple[torch.Tensor, torch.Tensor] | None,
+    torch.Tensor | None,
+]
+
+
+def _decoding_groups(
+    cfg: SamplingConfig,
+    rows: list[SamplingConfig] | None,
+    masks: tuple[torch.Tensor, torch.Tensor] | None,
+    keys: torch.Tensor | None,
+    device: torch.device,
+) -> tuple[SamplingConfig, list[_Group] | None]:
+    """Rows grouped by (temperature, top_k), each group sampled as a call of its own would be:
+    (config, row index, its masks, its keys). With one decoding among the rows: (cfg with that
+    decoding, None), and every row is sampled at once."""
+    if rows is None:
+        return cfg, None
+    kinds: dict[tuple[float, int | None], list[int]] = {}
+    for i, r in enumerate(rows):
+        kinds.setdefault((r.temperature, r.top_k), []).append(i)
+    if len(kinds) == 1:  # the rows' decoding, whatever cfg's
+        (temperature, top_k), _ = kinds.popitem()
+        return replace(cfg, temperature=temperature, top_k=top_k), None
+    out: list[_Group] = []
+    for (temperature, top_k), members in kinds.items():
+        idx = torch.tensor(members, device=device)
+        g_cfg = replace(cfg, temperature=temperature, top_k=top_k)
+        g_masks = None if masks is None else (masks[0][idx], masks[1][idx])
+        out.append((g_cfg, idx, g_masks, None if keys is None else keys[idx]))
+    return cfg, out
+
+
 def device_generator(gen: torch.Generator | None, device: torch.device) -> torch.Generator | None:
     """A generator on `device` for sampling there. A CPU generator on a CPU model is used as
     is (same tokens as sampling on the host); for another device, a new generator is seeded
@@ -192,10 +227,10 @@ def generate(
     (see KVCache). `compile_step`: run decode steps through torch.compile(mode="reduce-overhead")
     (CUDA graphs on CUDA), over a static cache; `forward` must then be free of collectives
     (weights gathered once, not per layer group).
-    `row_cfgs`: per-row allowed ids, stop ids and max_new_tokens (one call samples several
-    modalities, each row in its own range); `cfg` still gives the call's steps (at least every
-    row's max_new_tokens), temperature, top-k, pad id and min_new_tokens. A row's tokens past
-    its own max_new_tokens are pad_id and not counted.
+    `row_cfgs`: per-row allowed ids, stop ids, max_new_tokens, temperature and top-k (one call
+    samples several modalities, each row in its own range with its own decoding); `cfg` still
+    gives the call's steps (at least every row's max_new_tokens), pad id and min_new_tokens. A
+    row's tokens past its own max_new_tokens are pad_id and not counted.
     """
     fwd = forward or model
     was_training = model.training
@@ -243,8 +278,14 @@ def generate(
     seq, seq_pos, seq_doc = ids, positions, doc
     # no host sync in this loop (no .item(), .cpu(), bool(tensor)) except the early-stop check
     # every `check_every` tokens when steps are not fixed: the device runs ahead of Python
+    one, groups = _decoding_groups(cfg, row_cfgs, masks, keys, device)
     for t in range(cfg.max_new_tokens):
-        nxt = _sample(logits, cfg, gen, t, masks, keys)
+        if groups is None:
+            nxt = _sample(logits, one, gen, t, masks, keys)
+        else:
+            nxt = torch.empty(N, dtype=torch.long, device=device)
+            for g_cfg, idx, g_masks, g_keys in groups:
+                nxt[idx] = _sample(logits[idx], g_cfg, gen, t, g_masks, g_keys)
         is_stop = stop[stop_row, nxt] & ~done
         if row_cfgs is not None:
             is_stop |= t >= row_max  # past its own length: a row is done

@@ -82,14 +82,15 @@ class LinkingMonitor:
                 )
                 out[f"monitor/retrieval/{src}->{dst}"] = float(correct.mean())
             for src, dst in self.m.generation:
+                temperature, top_k = g.decoding(dst)
                 gen = generate_modality(
                     model,
                     self.layout,
                     [(src, self.items[i][src]) for i in q],
                     dst,
                     seed=step,
-                    temperature=g.temperature,
-                    top_k=g.top_k or None,
+                    temperature=temperature,
+                    top_k=top_k or None,
                     max_tokens=g.max_tokens.get(dst, 32),
                     forward=fwd,
                 )
