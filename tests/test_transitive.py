@@ -167,6 +167,44 @@ def test_generation_is_deterministic_for_a_seed(abc_data: Path) -> None:
     assert not torch.equal(outs[0], p.objective.prepare(next(it), LocalEngine(model), 0)["tokens"])
 
 
+def _gen_blocks(abc_data: Path, *over: str) -> dict[int, list[list[int]]]:
+    """modality index -> the generated blocks of one prepared micro-batch."""
+    _, p, it, model = setup(abc_data, *over)
+    batch = next(it)
+    docs = batch["gen_docs"]
+    toks = p.objective.prepare(batch, LocalEngine(model), 0)["tokens"]
+    lay, out = p.layout, {}
+    for r, start, _, plan, _ in docs:
+        gen, real = plan.blocks
+        end = start + 2
+        while toks[r, end] != lay.modalities[real.modality].token_id:
+            end += 1
+        out.setdefault(gen.modality, []).append(toks[r, start + 2 : end].tolist())
+    return out
+
+
+def test_each_modality_is_decoded_with_its_own_decoding(abc_data: Path) -> None:
+    """generation.top_k_by_modality: c greedy while a is sampled gives c's blocks of an all-
+    greedy run and a's blocks of an all-sampled run (one generate call holds both)."""
+    sampled = _gen_blocks(abc_data, "--objective.generation.top_k=0")
+    greedy = _gen_blocks(abc_data, "--objective.generation.top_k=1")
+    mixed = _gen_blocks(
+        abc_data,
+        "--objective.generation.top_k=0",
+        "--objective.generation.top_k_by_modality={c: 1}",
+    )
+    a, c = (setup(abc_data)[1].layout.index(m) for m in ("a", "c"))
+    assert mixed[a] and mixed[c]
+    assert sampled[c] != greedy[c] and sampled[a] != greedy[a]  # the decodings differ here
+    assert mixed[c] == greedy[c] and mixed[a] == sampled[a]
+    cold = _gen_blocks(
+        abc_data,
+        "--objective.generation.top_k=0",
+        "--objective.generation.temperature_by_modality={a: 0.01}",
+    )
+    assert cold[c] == sampled[c] and cold[a] != sampled[a]
+
+
 def test_all_modalities_documents(abc_data: Path) -> None:
     _, p, it, model = setup(
         abc_data, "--objective.transitive_prob=0", "--objective.all_modalities_prob=1"
@@ -198,6 +236,18 @@ BAD = [
         "objective.links.0.transitive_prob + all_modalities_prob = 1.1",
     ),
     (["--objective.links.0.via=[b]"], "cycle"),
+    (
+        ["--objective.generation.temperature_by_modality={zz: 0.5}"],
+        "objective.generation.temperature_by_modality.zz: not a modality",
+    ),
+    (
+        ["--objective.generation.top_k_by_modality={c: -1}"],
+        "objective.generation.top_k_by_modality.c=-1: must be >= 0",
+    ),
+    (
+        ["--objective.generation.temperature_by_modality={a: 101}"],
+        "objective.generation.temperature_by_modality.a=101",
+    ),
 ]
 
 

@@ -23,7 +23,8 @@ temperature 1), control (pseudo-modalities generated from a sample of another cl
 (trained with real image-speech pairs too); the validation candidates loretta_greedy /
 loretta_t05 (decoding), loretta_p50 / loretta_p25 and their controls (both links at 0.5 or 0.25),
 loretta_image_link (only the image-generating link), and loretta_image_p50 /
-loretta_image_p50_speech_p125 with their controls (each link with its own transitive_prob).
+loretta_image_p50_speech_p125 with their controls (each link with its own transitive_prob), and
+loretta_image_t1 / loretta_image_t05 with their controls (pseudo-images sampled, speech greedy).
 """
 
 from __future__ import annotations
