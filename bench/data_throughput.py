@@ -32,6 +32,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -176,10 +177,11 @@ def main() -> None:
         cProfile.runctx("ours()", globals(), {"ours": ours}, args.profile)
     # checks on and off alternated (ABBA order), so both see the same load on a shared
     # machine; the cost compares medians, which one stalled run does not move
-    on, off = [], []
+    on: list[dict[str, Any]] = []
+    off: list[dict[str, Any]] = []
     for k in range(args.integrity_repeat):
         for verify in (True, False) if k % 2 == 0 else (False, True):
-            r = measure(lambda v=verify: run_ours(wds_dir, total, args.seq_len, args.batch, v), 1)
+            r = measure(partial(run_ours, wds_dir, total, args.seq_len, args.batch, verify), 1)
             (on if verify else off).append(r)
 
     def median(runs: list[dict[str, Any]], key: str) -> float:

@@ -19,7 +19,8 @@ import json
 import time
 from pathlib import Path
 
-from loretta.demo.pipeline import PRESETS, headline, run
+from loretta.demo.pipeline import PRESETS, run
+from loretta.demo.report import headline
 
 
 def main() -> None:

@@ -87,7 +87,8 @@ def main() -> None:
     for n, t in ours.state_dict().items():
         sd.update(dict(to_hf(n, t, cfg)))
     theirs.load_state_dict(sd, strict=True)
-    ours, theirs = ours.to(dev, dtype).train(), theirs.to(dev, dtype).train()
+    ours = ours.to(dev, dtype).train()
+    theirs = theirs.to(dev, dtype).train()  # type: ignore[arg-type]  # transformers' .to stub
     ids = torch.randint(0, args.vocab, (args.batch, args.seq), device=dev)
 
     doc_ids, positions = packed_rows(args.batch, args.seq, args.docs, dev)

@@ -152,8 +152,9 @@ def worker(out: Path, a: argparse.Namespace, overrides: list[str]) -> None:
     if a.compile_decode:
         from loretta.transitive import build as build_objective
 
-        g = dataclasses.replace(cfg.objective.generation, compile_decode=True)
-        ccfg = dataclasses.replace(cfg, objective=dataclasses.replace(cfg.objective, generation=g))
+        gen_cfg = dataclasses.replace(cfg.objective.generation, compile_decode=True)
+        objective = dataclasses.replace(cfg.objective, generation=gen_cfg)
+        ccfg = dataclasses.replace(cfg, objective=objective)
         share_c, step_c = step_share(build_objective(ccfg, lay))
     if info.rank == 0:
         (out / "result.json").write_text(
