@@ -4,7 +4,7 @@ At the shipped 1,500 steps on 2 CPU cores: 3,354 s (per-link shares 0.125 / 0.5,
 2026-11-30, idle machine); earlier settings took 3,050 s (both links 0.5) and 4,863 s (both 0.25,
 a day the machine ran about 1.5x slower); `--preset gpu` on one H100/H200: not yet run.
 
-    python bench/demo.py [--seeds 1000,1001,1002] [--out runs/bench-demo] [--preset bench]
+    python bench/demo.py [--seeds 1003,1004,1005] [--out runs/bench-demo] [--preset bench]
 
 Last line: JSON with, per missing-pair direction (`image_to_speech`, `speech_to_image`), each
 method's mean test accuracy (zero-shot retrieval), `diff_ci95_low`/`diff_ci95_high` (LoReTTa as

@@ -10,6 +10,11 @@ CONTROL = "--objective.control=other_class"
 IMAGE_LINK_ONLY = "--objective.links=[{source: ls, prompt: text, generate: image, target: speech}]"
 
 
+# what every modality was decoded with before the fourth round (images greedy too): the earlier
+# selections below keep it, so that their reports can be rerun
+GREEDY_IMAGES = "--objective.generation.top_k_by_modality={}"
+
+
 def per_link(speech: float, image: float) -> str:
     """Both links, each with its own transitive_prob: `speech` for [<speech> S' <image> I]
     documents (from vl samples), `image` for [<image> I' <speech> S] (from ls samples)."""
@@ -57,19 +62,22 @@ METHODS: dict[str, Method] = {
     # at 0.5 (the first), at 0.25 (the second round's choice), and only the link that
     # generates images, at 0.5, which isolated that [<speech> S' <image> I] documents erode
     # the text -> image generator
-    "loretta_p50": Method((per_link(0.5, 0.5),), branch=True),
-    "control_p50": Method((per_link(0.5, 0.5), CONTROL), branch=True),
-    "loretta_p25": Method((per_link(0.25, 0.25),), branch=True),
-    "control_p25": Method((per_link(0.25, 0.25), CONTROL), branch=True),
-    "loretta_image_link": Method((IMAGE_LINK_ONLY, P50), branch=True),
+    "loretta_p50": Method((per_link(0.5, 0.5), GREEDY_IMAGES), branch=True),
+    "control_p50": Method((per_link(0.5, 0.5), GREEDY_IMAGES, CONTROL), branch=True),
+    "loretta_p25": Method((per_link(0.25, 0.25), GREEDY_IMAGES), branch=True),
+    "control_p25": Method((per_link(0.25, 0.25), GREEDY_IMAGES, CONTROL), branch=True),
+    "loretta_image_link": Method((IMAGE_LINK_ONLY, P50, GREEDY_IMAGES), branch=True),
     # the third round's candidates: the image link at 0.5 with the speech link at 0.25, or at
-    # 0.125 (selected: what `loretta` now trains)
-    "loretta_image_p50": Method((per_link(0.25, 0.5),), branch=True),
-    "control_image_p50": Method((per_link(0.25, 0.5), CONTROL), branch=True),
-    "loretta_image_p50_speech_p125": Method((per_link(0.125, 0.5),), branch=True),
-    "control_image_p50_speech_p125": Method((per_link(0.125, 0.5), CONTROL), branch=True),
+    # 0.125 (selected: the shipped shares; greedy images, which the fourth round replaced)
+    "loretta_image_p50": Method((per_link(0.25, 0.5), GREEDY_IMAGES), branch=True),
+    "control_image_p50": Method((per_link(0.25, 0.5), GREEDY_IMAGES, CONTROL), branch=True),
+    "loretta_image_p50_speech_p125": Method((per_link(0.125, 0.5), GREEDY_IMAGES), branch=True),
+    "control_image_p50_speech_p125": Method(
+        (per_link(0.125, 0.5), GREEDY_IMAGES, CONTROL), branch=True
+    ),
     # the fourth round's candidates: pseudo-images sampled (at temperature 1 or 0.5) instead of
-    # greedy, pseudo-speech greedy as before, at the shipped shares
+    # greedy, pseudo-speech greedy as before, at the shipped shares (selected: temperature 1,
+    # what `loretta` now trains)
     "loretta_image_t1": Method(decode_images(1.0), branch=True),
     "control_image_t1": Method((*decode_images(1.0), CONTROL), branch=True),
     "loretta_image_t05": Method(decode_images(0.5), branch=True),
