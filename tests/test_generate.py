@@ -244,3 +244,41 @@ def test_greedy_draw_is_the_keyed_gumbel_draw_without_the_noise() -> None:
         slow = (full.double() - torch.log(-torch.log(u))).argmax(-1)
         assert torch.equal(fast, slow)
         assert ((fast >= 10) & (fast < 30) | ((fast == 40) & (t >= 3))).all()
+
+
+@pytest.mark.parametrize(
+    "dec",
+    [(1.0, None), (0.7, None), (1.0, 3), (1.0, 50), (0.0, None), (1.0, 1)],
+    ids=["t1", "t07", "top3", "top50", "t0", "greedy"],
+)
+def test_keyed_draw_on_the_allowed_columns_is_the_full_vocabulary_draw(
+    dec: tuple[float, int | None],
+) -> None:
+    """Keyed draws hash noise and mask logits only for the ids some row may take: the token is
+    the one the full-vocabulary draw gives, for every decoding, before and after stop ids are
+    allowed, with rows of different ranges in one call."""
+    from loretta.model import generate as G
+
+    V = 97
+    rows = [
+        SamplingConfig(max_new_tokens=4, allowed=(10, 14), temperature=dec[0], top_k=dec[1]),
+        SamplingConfig(
+            max_new_tokens=4,
+            allowed=(40, 60),
+            stop_ids=(2,),
+            min_new_tokens=2,
+            temperature=dec[0],
+            top_k=dec[1],
+        ),
+    ] * 3
+    base = SamplingConfig(max_new_tokens=4, temperature=dec[0], top_k=dec[1], min_new_tokens=2)
+    masks = G._keep_masks(base, V, torch.device("cpu"), rows)
+    assert masks is not None
+    keys = torch.tensor([3, 1 << 40, -7, 12345, 99, 5])
+    cols = G._columns(masks, keys)
+    assert cols is not None and cols.ids.tolist() == [2, *range(10, 14), *range(40, 60)]
+    gen = torch.Generator().manual_seed(0)
+    for t in range(6):
+        logits = torch.randn(len(rows), V, generator=gen) * 3
+        full = G._sample(logits, base, None, t, masks, keys)
+        assert torch.equal(G._draw(logits, base, None, t, masks, keys, cols), full), t

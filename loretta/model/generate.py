@@ -114,10 +114,13 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ _shr(x, 31)
 
 
-def keyed_uniform(keys: torch.Tensor, t: int, n: int) -> torch.Tensor:
+def keyed_uniform(
+    keys: torch.Tensor, t: int, n: int, cols: torch.Tensor | None = None
+) -> torch.Tensor:
     """(N,) int64 keys -> (N, n) uniforms in (0, 1): a pure function of (key, t, column), so a
-    row's noise does not depend on which other rows share its batch or on their order."""
-    col = torch.arange(n, device=keys.device, dtype=torch.int64)
+    row's noise does not depend on which other rows share its batch or on their order.
+    `cols` (n,): the columns' ids (default 0..n-1), for noise on a subset of the vocabulary."""
+    col = torch.arange(n, device=keys.device, dtype=torch.int64) if cols is None else cols
     step = _signed(((t + 1) * 0x9E3779B97F4A7C15) & (2**64 - 1))
     h = _mix(_mix(keys[:, None] ^ _mix(col[None, :] ^ step)))
     return (_shr(h, 11).double() + 0.5) * 2.0**-53
@@ -130,10 +133,13 @@ def _sample(
     t: int = 0,
     masks: tuple[torch.Tensor, torch.Tensor] | None = None,
     row_keys: torch.Tensor | None = None,
+    cols: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(N, V) logits -> (N,) ids, on the logits' device (no host sync): `gen` must live there.
     With `row_keys` (N,) the draw is Gumbel-max with noise that is a function of (key, t,
-    token) alone: the same distribution, but batching-invariant."""
+    token) alone: the same distribution, but batching-invariant. `cols`: the token ids of the
+    logits' columns when they are a subset of the vocabulary (see _Columns); ids returned are
+    column indices."""
     if cfg.temperature <= 0 or cfg.top_k == 1:
         # greedy: the draw is the argmax of the allowed logits whatever the noise (Gumbel noise
         # would only break exact ties), so skip top-k and the (N, V) noise: a decode step on
@@ -141,11 +147,56 @@ def _sample(
         return _mask(logits.float(), cfg, t, masks).argmax(-1)
     logits = _restrict(logits.float(), cfg, t, masks)
     if row_keys is not None:
-        u = keyed_uniform(row_keys, t, logits.shape[-1])
+        u = keyed_uniform(row_keys, t, logits.shape[-1], cols)
         gumbel = -torch.log(-torch.log(u))
         return (logits.double() + gumbel).argmax(-1)
     probs = torch.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+class _Columns:
+    """The ids any row of a keyed call may take, in order, and the masks on them alone: a
+    keyed draw then hashes noise and masks logits for those columns only (an image row of
+    SVL-digits may take 4 ids of about 400). Every other id is masked for every row, so the
+    Gumbel-max draw, top-k threshold and greedy argmax are those of the full vocabulary:
+    the same token (tested). Unkeyed draws (torch.multinomial) keep the full vocabulary."""
+
+    def __init__(self, masks: tuple[torch.Tensor, torch.Tensor]) -> None:
+        V = masks[0].shape[-1]
+        any_row = (masks[0] | masks[1]).reshape(-1, V).any(0)
+        self.ids = torch.nonzero(any_row).squeeze(1)  # one host sync, once per call
+        self.masks = (masks[0].index_select(-1, self.ids), masks[1].index_select(-1, self.ids))
+
+    def draw(
+        self,
+        logits: torch.Tensor,
+        cfg: SamplingConfig,
+        gen: torch.Generator | None,
+        t: int,
+        keys: torch.Tensor,
+    ) -> torch.Tensor:
+        sub = logits.index_select(-1, self.ids)
+        return self.ids[_sample(sub, cfg, gen, t, self.masks, keys, self.ids)]
+
+
+def _draw(
+    logits: torch.Tensor,
+    cfg: SamplingConfig,
+    gen: torch.Generator | None,
+    t: int,
+    masks: tuple[torch.Tensor, torch.Tensor] | None,
+    keys: torch.Tensor | None,
+    cols: _Columns | None,
+) -> torch.Tensor:
+    if cols is not None and keys is not None:
+        return cols.draw(logits, cfg, gen, t, keys)
+    return _sample(logits, cfg, gen, t, masks, keys)
+
+
+def _columns(
+    masks: tuple[torch.Tensor, torch.Tensor] | None, keys: torch.Tensor | None
+) -> _Columns | None:
+    return None if masks is None or keys is None else _Columns(masks)
 
 
 _Group = tuple[
@@ -153,6 +204,7 @@ _Group = tuple[
     torch.Tensor,
     tuple[torch.Tensor, torch.Tensor] | None,
     torch.Tensor | None,
+    _Columns | None,
 ]
 
 
@@ -164,7 +216,7 @@ def _decoding_groups(
     device: torch.device,
 ) -> tuple[SamplingConfig, list[_Group] | None]:
     """Rows grouped by (temperature, top_k), each group sampled as a call of its own would be:
-    (config, row index, its masks, its keys). With one decoding among the rows: (cfg with that
+    (config, row index, its masks, its keys, its columns). With one decoding among the rows: (cfg with that
     decoding, None), and every row is sampled at once."""
     if rows is None:
         return cfg, None
@@ -179,7 +231,8 @@ def _decoding_groups(
         idx = torch.tensor(members, device=device)
         g_cfg = replace(cfg, temperature=temperature, top_k=top_k)
         g_masks = None if masks is None else (masks[0][idx], masks[1][idx])
-        out.append((g_cfg, idx, g_masks, None if keys is None else keys[idx]))
+        g_keys = None if keys is None else keys[idx]
+        out.append((g_cfg, idx, g_masks, g_keys, _columns(g_masks, g_keys)))
     return cfg, out
 
 
@@ -279,13 +332,14 @@ def generate(
     # no host sync in this loop (no .item(), .cpu(), bool(tensor)) except the early-stop check
     # every `check_every` tokens when steps are not fixed: the device runs ahead of Python
     one, groups = _decoding_groups(cfg, row_cfgs, masks, keys, device)
+    cols = _columns(masks, keys) if groups is None else None
     for t in range(cfg.max_new_tokens):
         if groups is None:
-            nxt = _sample(logits, one, gen, t, masks, keys)
+            nxt = _draw(logits, one, gen, t, masks, keys, cols)
         else:
             nxt = torch.empty(N, dtype=torch.long, device=device)
-            for g_cfg, idx, g_masks, g_keys in groups:
-                nxt[idx] = _sample(logits[idx], g_cfg, gen, t, g_masks, g_keys)
+            for g_cfg, idx, g_masks, g_keys, g_cols in groups:
+                nxt[idx] = _draw(logits[idx], g_cfg, gen, t, g_masks, g_keys, g_cols)
         is_stop = stop[stop_row, nxt] & ~done
         if row_cfgs is not None:
             is_stop |= t >= row_max  # past its own length: a row is done
