@@ -73,7 +73,7 @@ def worker(out: Path, a: argparse.Namespace, overrides: list[str]) -> None:
 
     device_sample = G._sample
 
-    def sample_on_host(logits, cfg, gen, t=0, masks=None, row_keys=None):  # type: ignore[no-untyped-def]
+    def sample_on_host(logits, cfg, gen, t=0, masks=None, row_keys=None, cols=None):  # type: ignore[no-untyped-def]
         # the sampler before this change: multinomial on the host, a sync per token
         logits = G._restrict(logits.float(), cfg, t, masks)
         probs = torch.softmax(logits, dim=-1)
