@@ -275,10 +275,11 @@ def test_keyed_draw_on_the_allowed_columns_is_the_full_vocabulary_draw(
     masks = G._keep_masks(base, V, torch.device("cpu"), rows)
     assert masks is not None
     keys = torch.tensor([3, 1 << 40, -7, 12345, 99, 5])
-    cols = G._columns(masks, keys)
-    assert cols is not None and cols.ids.tolist() == [2, *range(10, 14), *range(40, 60)]
+    group = G._Group(base, None, masks, keys)
+    assert group.ids is not None
+    assert group.ids.tolist() == [2, *range(10, 14), *range(40, 60)]
     gen = torch.Generator().manual_seed(0)
     for t in range(6):
         logits = torch.randn(len(rows), V, generator=gen) * 3
         full = G._sample(logits, base, None, t, masks, keys)
-        assert torch.equal(G._draw(logits, base, None, t, masks, keys, cols), full), t
+        assert torch.equal(group.draw(logits, None, t), full), t

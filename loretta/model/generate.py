@@ -138,7 +138,7 @@ def _sample(
     """(N, V) logits -> (N,) ids, on the logits' device (no host sync): `gen` must live there.
     With `row_keys` (N,) the draw is Gumbel-max with noise that is a function of (key, t,
     token) alone: the same distribution, but batching-invariant. `cols`: the token ids of the
-    logits' columns when they are a subset of the vocabulary (see _Columns); ids returned are
+    logits' columns when they are a subset of the vocabulary (see _Group); ids returned are
     column indices."""
     if cfg.temperature <= 0 or cfg.top_k == 1:
         # greedy: the draw is the argmax of the allowed logits whatever the noise (Gumbel noise
@@ -154,86 +154,70 @@ def _sample(
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
-class _Columns:
-    """The ids any row of a keyed call may take, in order, and the masks on them alone: a
-    keyed draw then hashes noise and masks logits for those columns only (an image row of
-    SVL-digits may take 4 ids of about 400). Every other id is masked for every row, so the
-    Gumbel-max draw, top-k threshold and greedy argmax are those of the full vocabulary:
-    the same token (tested). Unkeyed draws (torch.multinomial) keep the full vocabulary."""
+@dataclass
+class _Group:
+    """Rows of one call sampled alike (one temperature and top-k), as a call of their own would
+    sample them. `rows`: their indices in the call (None: every row).
 
-    def __init__(self, masks: tuple[torch.Tensor, torch.Tensor]) -> None:
-        V = masks[0].shape[-1]
-        any_row = (masks[0] | masks[1]).reshape(-1, V).any(0)
+    A keyed draw works on `ids`, the token ids some row of the group may take, in order: noise
+    is hashed and logits masked for those columns only (an image row of SVL-digits may take 4
+    ids of about 400). Every other id is masked for every row, so the Gumbel-max draw, top-k
+    threshold and greedy argmax are those of the full vocabulary: the same token (tested).
+    Unkeyed draws (torch.multinomial) keep the full vocabulary."""
+
+    cfg: SamplingConfig
+    rows: torch.Tensor | None
+    masks: tuple[torch.Tensor, torch.Tensor] | None
+    keys: torch.Tensor | None
+    ids: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.keys is None or self.masks is None:
+            return
+        keep, late = self.masks
+        any_row = (keep | late).reshape(-1, keep.shape[-1]).any(0)
         self.ids = torch.nonzero(any_row).squeeze(1)  # one host sync, once per call
-        self.masks = (masks[0].index_select(-1, self.ids), masks[1].index_select(-1, self.ids))
+        self.masks = (keep.index_select(-1, self.ids), late.index_select(-1, self.ids))
 
-    def draw(
-        self,
-        logits: torch.Tensor,
-        cfg: SamplingConfig,
-        gen: torch.Generator | None,
-        t: int,
-        keys: torch.Tensor,
-    ) -> torch.Tensor:
+    def draw(self, logits: torch.Tensor, gen: torch.Generator | None, t: int) -> torch.Tensor:
+        """(N, V) logits of the whole call -> (len(rows),) ids for this group's rows."""
+        if self.rows is not None:
+            logits = logits[self.rows]
+        if self.ids is None:
+            return _sample(logits, self.cfg, gen, t, self.masks, self.keys)
         sub = logits.index_select(-1, self.ids)
-        return self.ids[_sample(sub, cfg, gen, t, self.masks, keys, self.ids)]
+        return self.ids[_sample(sub, self.cfg, gen, t, self.masks, self.keys, self.ids)]
 
 
-def _draw(
-    logits: torch.Tensor,
-    cfg: SamplingConfig,
-    gen: torch.Generator | None,
-    t: int,
-    masks: tuple[torch.Tensor, torch.Tensor] | None,
-    keys: torch.Tensor | None,
-    cols: _Columns | None,
-) -> torch.Tensor:
-    if cols is not None and keys is not None:
-        return cols.draw(logits, cfg, gen, t, keys)
-    return _sample(logits, cfg, gen, t, masks, keys)
-
-
-def _columns(
-    masks: tuple[torch.Tensor, torch.Tensor] | None, keys: torch.Tensor | None
-) -> _Columns | None:
-    return None if masks is None or keys is None else _Columns(masks)
-
-
-_Group = tuple[
-    SamplingConfig,
-    torch.Tensor,
-    tuple[torch.Tensor, torch.Tensor] | None,
-    torch.Tensor | None,
-    _Columns | None,
-]
-
-
-def _decoding_groups(
+def _groups(
     cfg: SamplingConfig,
     rows: list[SamplingConfig] | None,
     masks: tuple[torch.Tensor, torch.Tensor] | None,
     keys: torch.Tensor | None,
     device: torch.device,
-) -> tuple[SamplingConfig, list[_Group] | None]:
-    """Rows grouped by (temperature, top_k), each group sampled as a call of its own would be:
-    (config, row index, its masks, its keys, its columns). With one decoding among the rows: (cfg with that
-    decoding, None), and every row is sampled at once."""
+) -> list[_Group]:
+    """The call's rows grouped by (temperature, top_k), each with its own masks and keys; one
+    group of every row when they share a decoding (the rows', whatever cfg's) or have none."""
     if rows is None:
-        return cfg, None
+        return [_Group(cfg, None, masks, keys)]
     kinds: dict[tuple[float, int | None], list[int]] = {}
     for i, r in enumerate(rows):
         kinds.setdefault((r.temperature, r.top_k), []).append(i)
-    if len(kinds) == 1:  # the rows' decoding, whatever cfg's
-        (temperature, top_k), _ = kinds.popitem()
-        return replace(cfg, temperature=temperature, top_k=top_k), None
-    out: list[_Group] = []
+    if len(kinds) == 1:
+        ((temperature, top_k),) = kinds
+        return [_Group(replace(cfg, temperature=temperature, top_k=top_k), None, masks, keys)]
+    out = []
     for (temperature, top_k), members in kinds.items():
         idx = torch.tensor(members, device=device)
-        g_cfg = replace(cfg, temperature=temperature, top_k=top_k)
-        g_masks = None if masks is None else (masks[0][idx], masks[1][idx])
-        g_keys = None if keys is None else keys[idx]
-        out.append((g_cfg, idx, g_masks, g_keys, _columns(g_masks, g_keys)))
-    return cfg, out
+        out.append(
+            _Group(
+                replace(cfg, temperature=temperature, top_k=top_k),
+                idx,
+                None if masks is None else (masks[0][idx], masks[1][idx]),
+                None if keys is None else keys[idx],
+            )
+        )
+    return out
 
 
 def device_generator(gen: torch.Generator | None, device: torch.device) -> torch.Generator | None:
@@ -331,15 +315,14 @@ def generate(
     seq, seq_pos, seq_doc = ids, positions, doc
     # no host sync in this loop (no .item(), .cpu(), bool(tensor)) except the early-stop check
     # every `check_every` tokens when steps are not fixed: the device runs ahead of Python
-    one, groups = _decoding_groups(cfg, row_cfgs, masks, keys, device)
-    cols = _columns(masks, keys) if groups is None else None
+    groups = _groups(cfg, row_cfgs, masks, keys, device)
     for t in range(cfg.max_new_tokens):
-        if groups is None:
-            nxt = _draw(logits, one, gen, t, masks, keys, cols)
+        if len(groups) == 1:
+            nxt = groups[0].draw(logits, gen, t)
         else:
             nxt = torch.empty(N, dtype=torch.long, device=device)
-            for g_cfg, idx, g_masks, g_keys, g_cols in groups:
-                nxt[idx] = _draw(logits[idx], g_cfg, gen, t, g_masks, g_keys, g_cols)
+            for g in groups:
+                nxt[g.rows] = g.draw(logits, gen, t)
         is_stop = stop[stop_row, nxt] & ~done
         if row_cfgs is not None:
             is_stop |= t >= row_max  # past its own length: a row is done
