@@ -37,8 +37,8 @@ warnings.filterwarnings(
     "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
 )
 
-# Engine._hooks_off edits DeepSpeed's private state (DeepSpeedZeRoOffload.forward_hooks /
-# backward_hooks / _register_deepspeed_module, param.ds_active_sub_modules), which DeepSpeed may
+# Engine._hooks_off reads DeepSpeed's private state (DeepSpeedZeRoOffload.forward_hooks /
+# backward_hooks, param.ds_active_sub_modules), which DeepSpeed may
 # change in any release. The versions it was tested with, [low, high); pyproject.toml pins the same.
 DEEPSPEED_TESTED = ((0, 16), (0, 20))
 
@@ -212,19 +212,35 @@ class Engine:
         """Take ZeRO-3's per-module fetch/release hooks off the model for the block.
 
         Generation runs many small forwards; with hooks on, each one all-gathers every layer
-        again (DeepSpeed #4354). We gather explicitly instead, and put the hooks back after."""
+        again (DeepSpeed #4354). We gather explicitly instead, and put the hooks back after.
+
+        The hooks are lifted out of the modules' hook dicts and put back as they were (same
+        handles, same order), not re-registered: DeepSpeed (0.19.8 here) invalidates its recorded
+        fetch trace when hooks are registered on the root module again, and without a trace
+        ZeRO-3 neither prefetches nor coalesces, so every training step after a generation
+        fetched each weight alone and re-recorded the trace (a third of a transitive step on
+        svl_digits, 2 CPU processes). The trace survives this block (tests/test_zero3.py)."""
         check_deepspeed_version(deepspeed.__version__)  # private API below
         offload = self.ds.optimizer.parameter_offload
         for p in self.module.parameters():
             p.ds_active_sub_modules.clear()  # type: ignore[attr-defined]
+        ours = {h.id for h in [*offload.forward_hooks, *offload.backward_hooks]}
+        saved: dict[int, tuple[dict[int, Any], list[tuple[int, Any]]]] = {}
         for h in [*offload.forward_hooks, *offload.backward_hooks]:
-            h.remove()
-        offload.forward_hooks.clear()
-        offload.backward_hooks.clear()
+            for ref in (h.hooks_dict_ref, *h.extra_dict_ref):
+                d = ref()
+                if d is not None and id(d) not in saved:
+                    saved[id(d)] = (d, list(d.items()))
+        for d, items in saved.values():
+            for key, _ in items:
+                if key in ours:
+                    del d[key]
         try:
             yield
         finally:
-            offload._register_deepspeed_module(offload.module)
+            for d, items in saved.values():
+                d.clear()
+                d.update(items)
 
     @contextlib.contextmanager
     def generation(
@@ -241,7 +257,7 @@ class Engine:
         if self.zero_stage() != 3:
             yield model
             return
-        with self._hooks_off():
+        with self._hooks_off(), _torch_linear():
             if mode == "once":
                 with GatheredParameters(list(model.parameters()), modifier_rank=None):
                     # .forward, not __call__: the root module keeps a start-of-forward hook
@@ -335,6 +351,23 @@ def build_engine(
             "=false in the DeepSpeed JSON or model.compile=false"
         )
     return Engine(ds_engine, ds_config)
+
+
+@contextlib.contextmanager
+def _torch_linear() -> Iterator[None]:
+    """torch's own F.linear for the block, DeepSpeed's ZeRO-3 linear again after it.
+
+    ZeRO-3 (memory_efficient_linear) swaps F.linear, process-wide, for an autograd Function
+    that keeps gathered weights out of the graph. Generation needs no graph, and on a small
+    model the Function's per-call cost (argument binding, autocast queries) was 22% of a
+    decode step (py-spy, svl_digits on 2 CPU processes). The weights and the matmul are the
+    same, so are the tokens (tests/test_engine.py)."""
+    patched = torch.nn.functional.linear
+    torch.nn.functional.linear = torch._C._nn.linear
+    try:
+        yield
+    finally:
+        torch.nn.functional.linear = patched
 
 
 @contextlib.contextmanager

@@ -43,7 +43,9 @@ def test_two_process_zero3_loss_falls_and_checkpoints(tmp_path: Path, tiny_data:
     assert (ck / "config.yaml").exists() and (ck / "layout.json").exists()
 
 
-def test_parameters_are_really_partitioned(tmp_path: Path, tiny_data: Path) -> None:
+def test_parameters_are_partitioned_and_generation_keeps_the_fetch_trace(
+    tmp_path: Path, tiny_data: Path
+) -> None:
     over = tiny_overrides(tmp_path, data=tiny_data)
     torchrun(2, [str(tmp_path), *over], module=str(REPO / "tests" / "dist_probe.py"))
     recs = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -57,6 +59,12 @@ def test_parameters_are_really_partitioned(tmp_path: Path, tiny_data: Path) -> N
         assert all(h == -(-numel // 2) for h in held), (n, numel, held)
     total = sum(r["params"][n]["numel"] for r in recs[:1] for n in names)
     assert all(abs(r["bytes"]["params"] - 4 * total / 2) <= 4 * len(names) for r in recs)
+    # generation swaps ZeRO-3's linear for torch's (same logits, bit for bit) and back after
+    for r in recs:
+        assert r["ds_linear_before"].startswith("deepspeed"), r["ds_linear_before"]
+        assert r["torch_linear_in_generation"] and r["ds_linear_after"] and r["same_logits"], r
+        # and leaves ZeRO-3's fetch trace complete: the next step prefetches and coalesces
+        assert r["trace_complete"] == [True, True, True], r["trace_complete"]
 
 
 def test_deepspeed_launcher(tmp_path: Path, tiny_data: Path) -> None:
