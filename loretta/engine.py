@@ -37,7 +37,7 @@ warnings.filterwarnings(
     "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
 )
 
-# Engine._hooks_off reads DeepSpeed's private state (DeepSpeedZeRoOffload.forward_hooks /
+# Engine._hooks_off edits DeepSpeed's private state (DeepSpeedZeRoOffload.forward_hooks /
 # backward_hooks, param.ds_active_sub_modules), which DeepSpeed may
 # change in any release. The versions it was tested with, [low, high); pyproject.toml pins the same.
 DEEPSPEED_TESTED = ((0, 16), (0, 20))
@@ -224,17 +224,16 @@ class Engine:
         offload = self.ds.optimizer.parameter_offload
         for p in self.module.parameters():
             p.ds_active_sub_modules.clear()  # type: ignore[attr-defined]
-        ours = {h.id for h in [*offload.forward_hooks, *offload.backward_hooks]}
+        handles = [*offload.forward_hooks, *offload.backward_hooks]
+        # every hook dict the handles live in, as it is now (order included), to put back after
         saved: dict[int, tuple[dict[int, Any], list[tuple[int, Any]]]] = {}
-        for h in [*offload.forward_hooks, *offload.backward_hooks]:
+        for h in handles:
             for ref in (h.hooks_dict_ref, *h.extra_dict_ref):
                 d = ref()
                 if d is not None and id(d) not in saved:
                     saved[id(d)] = (d, list(d.items()))
-        for d, items in saved.values():
-            for key, _ in items:
-                if key in ours:
-                    del d[key]
+        for h in handles:
+            h.remove()
         try:
             yield
         finally:
@@ -361,7 +360,7 @@ def _torch_linear() -> Iterator[None]:
     that keeps gathered weights out of the graph. Generation needs no graph, and on a small
     model the Function's per-call cost (argument binding, autocast queries) was 22% of a
     decode step (py-spy, svl_digits on 2 CPU processes). The weights and the matmul are the
-    same, so are the tokens (tests/test_engine.py)."""
+    same, so are the logits (tests/test_zero3.py)."""
     patched = torch.nn.functional.linear
     torch.nn.functional.linear = torch._C._nn.linear
     try:
