@@ -78,6 +78,16 @@ def check_async_io() -> None:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def training_dtype(ds_config: dict[str, Any]) -> torch.dtype:
+    """The dtype ZeRO-3 keeps the model's parameters in: bf16 or fp16 when the config enables
+    it, else fp32 (the optimizer's master weights are fp32 in every case)."""
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    if ds_config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    return torch.float32
+
+
 def init_distributed(info: DistInfo, backend: str, timeout_s: float) -> None:
     for k, v in info.env().items():
         os.environ.setdefault(k, v)
@@ -128,8 +138,22 @@ def build_model(
         if init_state is not None:  # deepspeed.initialize broadcasts rank 0's weights
             model.load_state_dict(init_state, strict=True)
         return model
-    with deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=torch.float32):
+    # No dtype argument: zero.Init then takes the training dtype from the config. An explicit
+    # one is ignored where the accelerator lacks fp16 (DeepSpeed 0.19.8 reads `dtype or fp16 if
+    # fp16_supported() else bf16 ...` as `(dtype or fp16) if ... else bf16`): on a CPU without
+    # oneDNN fp16, an fp32 run got bf16 weights. The check below holds either way.
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = Decoder(mcfg)
+    want = training_dtype(ds_config)
+    wrong = {n: p.dtype for n, p in model.named_parameters() if p.dtype != want}
+    if wrong:
+        name, got = next(iter(wrong.items()))
+        raise RuntimeError(
+            f"deepspeed.zero.Init (deepspeed {deepspeed.__version__}) built {len(wrong)} "
+            f"parameters in the wrong dtype, e.g. {name}: {got}, for a {want} run. Train "
+            "without engine.zero_init (the default) or use a DeepSpeed version that honours "
+            "the config's dtype."
+        )
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     for name, p in model.named_parameters():
         with GatheredParameters([p], modifier_rank=0):
