@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import tomllib
+import torch
 from helpers import BIN, REPO, base_env
 
 
@@ -83,6 +84,10 @@ def test_demo_command_runs_scaled_down(tmp_path: Path) -> None:
     )
     start = next(r for r in rows if r.get("event") == "start")
     assert "commutative-seed0" in start["resumed_from"]
+    # the run and the report say which host and versions they come from (numbers depend on it)
+    assert start["host"]["torch"] == torch.__version__ and start["host"]["cpu"]
+    assert metrics["meta"]["host"] == start["host"]
+    assert f"torch {torch.__version__})" in summary
     # the live linking monitor scored the validation split during training, every 3 steps
     trunk = [
         json.loads(x)

@@ -244,6 +244,7 @@ def run(
 
     from loretta.demo.svl_data import build_svl_digits, svl_config
     from loretta.launch import default_nproc
+    from loretta.train.metrics import host_info
 
     t0 = time.time()
     preset = PRESETS[preset_name]
@@ -303,6 +304,8 @@ def run(
         "nproc": nproc,
         "data": str(data_root),
         "device": "GPU" if torch.cuda.is_available() else f"CPU x{nproc} processes",
+        # the same seed gives other numbers on another processor or torch: say which this was
+        "host": host_info(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         "preset_settings": to_dict(preset),
     }
     metrics = {

@@ -153,7 +153,8 @@ def write_report(report: Path, s: dict[str, Any], meta: dict[str, Any]) -> None:
             if meta.get("monitor_plot")
             else []
         ),
-        f"Wall time {meta['wall_s']:.0f} s on {meta['device']}. Data: {meta['data']}. "
+        f"Wall time {meta['wall_s']:.0f} s on {meta['device']}{host_line(meta)}. "
+        f"Data: {meta['data']}. "
         f"Pseudo-modality decoding per method: {meta['decoding']}.",
     ]
     (report / "summary.md").write_text("\n".join(lines) + "\n")
@@ -289,3 +290,12 @@ def headline(metrics: dict[str, Any]) -> dict[str, Any]:
     out["split"] = metrics["meta"]["split"]
     out["seeds"] = metrics["meta"]["seeds"]
     return out
+
+
+def host_line(meta: dict[str, Any]) -> str:
+    """' (CPU model or GPU, torch version)' from the report's host record; '' for reports
+    written before it was kept."""
+    h = meta.get("host")
+    if not h:
+        return ""
+    return f" ({h.get('gpu') or h.get('cpu', '?')}, torch {h.get('torch', '?')})"

@@ -42,6 +42,42 @@ def measure_cpu_flops(n: int = 512, reps: int = 8) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
+def host_info(device: torch.device) -> dict[str, str]:
+    """What a run's numbers depend on besides its config and seed: the library versions and the
+    processor. A run repeats bit for bit on the same host, but another CPU or GPU rounds fp32
+    sums in another order (its BLAS kernels), and training that samples pseudo-modalities from
+    the model then takes another path (docs/demo-results/README.md has an example)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    info = {"python": platform.python_version(), "torch": torch.__version__}
+    for pkg in ("deepspeed", "loretta"):
+        try:
+            info[pkg] = version(pkg)
+        except PackageNotFoundError:
+            info[pkg] = "not installed"
+    info["cpu"] = cpu_model()
+    info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = str(torch.version.cuda)
+    return info
+
+
+def cpu_model() -> str:
+    """The processor's model name (Linux /proc/cpuinfo), else what platform reports."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
 class LossStats:
     """Sums of per-token losses by direction and by target modality between log steps."""
 

@@ -48,6 +48,7 @@ from loretta.train.metrics import (
     MetricsLogger,
     Window,
     detect_peak_flops,
+    host_info,
     window_metrics,
 )
 from loretta.train.step import MicroBatch, dry_run_step, train_step
@@ -288,6 +289,7 @@ def run(
             peak_flops=peak,
             peak_source=peak_src,
             flops_per_token=flops_tok,
+            host=host_info(p.device),
         )
     flag = signals if signals is not None else SignalFlag()
     watchdog = Watchdog(cfg.engine.timeout_s)
