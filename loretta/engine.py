@@ -148,7 +148,7 @@ def build_model(
     wrong = {n: p.dtype for n, p in model.named_parameters() if p.dtype != want}
     if wrong:
         name, got = next(iter(wrong.items()))
-        raise RuntimeError(
+        raise DependencyError(
             f"deepspeed.zero.Init (deepspeed {deepspeed.__version__}) built {len(wrong)} "
             f"parameters in the wrong dtype, e.g. {name}: {got}, for a {want} run. Train "
             "without engine.zero_init (the default) or use a DeepSpeed version that honours "

@@ -40,6 +40,7 @@ def test_missing_data_fails_before_process_group(tmp_path: Path) -> None:
             "tiny",
             f"--data.sources.0.path={tmp_path / 'nowhere'}",
             "--data.sources.0.synthetic=null",
+            f"--run.run_dir={tmp_path / 'run'}",  # not the recipe's runs/ in the checkout
         ]
     )
     assert res.returncode == 2
@@ -48,7 +49,14 @@ def test_missing_data_fails_before_process_group(tmp_path: Path) -> None:
 
 def test_mistyped_path_never_generates_synthetic_data(tmp_path: Path) -> None:
     # the recipe's source has a synthetic: block, but a plain path is real data only
-    res = run(["--config", "tiny", f"--data.sources.0.path={tmp_path / 'typo'}"])
+    res = run(
+        [
+            "--config",
+            "tiny",
+            f"--data.sources.0.path={tmp_path / 'typo'}",
+            f"--run.run_dir={tmp_path / 'run'}",
+        ]
+    )
     assert res.returncode == 2, res.stderr
     assert f"data.sources.0.path={str(tmp_path / 'typo')!r}: no dataset there" in res.stderr
     assert f"data.sources.0.path=synthetic:{tmp_path / 'typo'}" in res.stderr  # the fix

@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import sys
 import time
 import uuid
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +49,6 @@ def host_info(device: torch.device) -> dict[str, str]:
     processor. A run repeats bit for bit on the same host, but another CPU or GPU rounds fp32
     sums in another order (its BLAS kernels), and training that samples pseudo-modalities from
     the model then takes another path (docs/demo-results/README.md has an example)."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
     info = {"python": platform.python_version(), "torch": torch.__version__}
     for pkg in ("deepspeed", "loretta"):
         try:
@@ -73,8 +72,6 @@ def cpu_model() -> str:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    import platform
-
     return platform.processor() or "unknown"
 
 
