@@ -78,16 +78,6 @@ def check_async_io() -> None:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def training_dtype(ds_config: dict[str, Any]) -> torch.dtype:
-    """The dtype ZeRO-3 keeps the model's parameters in: bf16 or fp16 when the config enables
-    it, else fp32 (the optimizer's master weights are fp32 in every case)."""
-    if ds_config.get("bf16", {}).get("enabled"):
-        return torch.bfloat16
-    if ds_config.get("fp16", {}).get("enabled"):
-        return torch.float16
-    return torch.float32
-
-
 def init_distributed(info: DistInfo, backend: str, timeout_s: float) -> None:
     for k, v in info.env().items():
         os.environ.setdefault(k, v)
@@ -124,10 +114,12 @@ def build_model(
     ds_config: dict[str, Any],
     seed: int,
     zero_init: bool,
+    precision: str,
     init_state: dict[str, torch.Tensor] | None = None,
 ) -> Decoder:
-    """Construct the decoder; with zero_init its parameters are born partitioned, and each is
-    initialised inside a gather (init code in __init__ cannot reach partitioned tensors).
+    """Construct the decoder; with zero_init its parameters are born partitioned, in the
+    dtype of `precision` (run.precision, which the DeepSpeed config was resolved from), and each
+    is initialised inside a gather (init code in __init__ cannot reach partitioned tensors).
 
     `init_state` (rank 0's warm-start weights) replaces the random init. It must be applied
     before deepspeed.initialize copies the weights into ZeRO-3's fp32 master partitions: a
@@ -144,7 +136,7 @@ def build_model(
     # oneDNN fp16, an fp32 run got bf16 weights. The check below holds either way.
     with deepspeed.zero.Init(config_dict_or_path=ds_config):
         model = Decoder(mcfg)
-    want = training_dtype(ds_config)
+    want = DTYPES[precision]
     wrong = {n: p.dtype for n, p in model.named_parameters() if p.dtype != want}
     if wrong:
         name, got = next(iter(wrong.items()))
@@ -342,7 +334,9 @@ def build_engine(
 ) -> Engine:
     if cfg.objective.links and ds_config.get("zero_optimization", {}).get("stage") == 3:
         check_deepspeed_version(deepspeed.__version__)  # fail before the first generation
-    model = build_model(cfg.model, ds_config, seed, cfg.engine.zero_init, init_state)
+    model = build_model(
+        cfg.model, ds_config, seed, cfg.engine.zero_init, cfg.run.precision, init_state
+    )
     model.activation_checkpointing = cfg.engine.activation_checkpointing
     device = torch.device(deepspeed.get_accelerator().device_name())
     model.set_loss_impl(cfg.model.loss_impl, device)
