@@ -23,7 +23,7 @@ def barrier() -> None:
 
 def all_reduce_(t: torch.Tensor, op: str = "sum") -> torch.Tensor:
     if active():
-        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
         dist.all_reduce(t, op=ops[op])
     return t
 

@@ -137,6 +137,12 @@ class LinkConfig:
     # transitive_prob. Links erode and use the generator differently (on SVL-digits the
     # [<speech> S' <image> I] documents erode text -> image generation), so each has its own
     transitive_prob: float | None = None
+    # start this link's transitive documents only once the generator it samples from is good
+    # enough: when the live monitor's `generation/{prompt}->{generate}` score (class information
+    # in generated samples, on monitor.data, a held-out split) reaches this value at a monitor
+    # step, and not before objective.transitive_start. None: no gate. The opening row is saved
+    # in the loader state, so a resumed run makes the same decisions
+    gate: float | None = None
 
 
 @dataclass
@@ -200,6 +206,12 @@ class ObjectiveConfig:
         ):
             if not 0.0 <= v <= 1.0:
                 out.append(f"{p}.{name}={v}: must be a probability in [0, 1]")
+        for i, lc in enumerate(self.links):
+            if lc.gate is not None and not 0.0 <= lc.gate <= 1.0:
+                out.append(
+                    f"{p}.links.{i}.gate={lc.gate}: must be an accuracy in [0, 1] (the monitor's "
+                    f"generation/{lc.prompt}->{lc.generate} score), or null for no gate"
+                )
         for name, v in shares:
             if 0.0 <= v <= 1.0 and v + self.all_modalities_prob > 1.0 + 1e-9:
                 out.append(
@@ -560,12 +572,34 @@ class TrainConfig:
                 f"model.sliding_window={self.model.sliding_window} exceeds data.seq_len="
                 f"{self.data.seq_len}; use null for full attention"
             )
+        out += gate_problems(self.objective, self.monitor)
         if self.run.precision == "fp16" and self.run.device == "cpu":
             out.append("run.precision='fp16' is not supported on the CPU; use 'bf16' or 'fp32'")
         return out
 
     def to_yaml(self) -> str:
         return dump_yaml(self)
+
+
+def gate_problems(obj: ObjectiveConfig, mon: MonitorConfig) -> list[str]:
+    """A gated link needs the monitor to score its generator: on, with the pair listed."""
+    out = []
+    for i, lc in enumerate(obj.links):
+        if lc.gate is None:
+            continue
+        pair = [lc.prompt, lc.generate]
+        if mon.interval <= 0:
+            out.append(
+                f"objective.links.{i}.gate={lc.gate} needs the live monitor: set monitor.interval "
+                "> 0 (the steps between gate checks) and monitor.data (a held-out split)"
+            )
+        elif pair not in mon.generation:
+            out.append(
+                f"objective.links.{i}.gate={lc.gate} reads the monitor's generation/"
+                f"{lc.prompt}->{lc.generate} score, but monitor.generation={mon.generation}; "
+                f"add {pair} to it"
+            )
+    return out
 
 
 def load_config(source: str, overrides: list[str] | None = None) -> TrainConfig:

@@ -39,6 +39,9 @@ class Link:
     path: tuple[int, ...]  # modality indices: real prompt, intermediate generated..., generated
     target: int  # the real modality trained after the generated block
     prob: float  # chance that a sample of its source becomes a transitive document
+    index: int = 0  # its place in objective.links (the key of its gate in the loader state)
+    gate: float | None = None  # monitor score that opens it (None: open from transitive_start)
+    gate_metric: str = ""  # the monitor metric the gate reads (its generator's samples' class)
 
     @property
     def prompt(self) -> int:
@@ -88,7 +91,8 @@ def resolve_links(cfg: TrainConfig, layout: VocabLayout) -> dict[int, list[Link]
             continue
         path = tuple(layout.index(m) for m in [lc.prompt, *lc.via, lc.generate])
         prob = cfg.objective.transitive_prob if lc.transitive_prob is None else lc.transitive_prob
-        link = Link(path, layout.index(lc.target), prob)
+        metric = f"monitor/generation/{lc.prompt}->{lc.generate}"
+        link = Link(path, layout.index(lc.target), prob, i, lc.gate, metric)
         out.setdefault(names.index(lc.source), []).append(link)
     g = cfg.objective.generation
     for field_name, table in (
@@ -127,12 +131,24 @@ class _Planner:
         # decision is a function of the document's position, whoever plans it.
         rows_per_step = cfg.data.micro_batch_size * cfg.optim.grad_accum_steps * world
         self.start_row = int(cfg.objective.transitive_start * cfg.run.steps) * rows_per_step
+        # gated links (objective.links.N.gate): the row each was opened at, by link index, once
+        # the trainer has opened it (`open_gates`); a gated link not in here is closed
+        self.gate_rows: dict[str, int] = {}
 
-    def state_dict(self) -> dict[str, int]:
-        return {"transitive_start_row": self.start_row}
+    def state_dict(self) -> dict[str, Any]:
+        return {"transitive_start_row": self.start_row, "gate_rows": dict(self.gate_rows)}
 
-    def load_state_dict(self, s: dict[str, int]) -> None:
+    def load_state_dict(self, s: dict[str, Any]) -> None:
         self.start_row = int(s["transitive_start_row"])
+        self.gate_rows = {str(k): int(v) for k, v in s.get("gate_rows", {}).items()}
+
+    def is_open(self, link: Link, row: int) -> bool:
+        if row < self.start_row:
+            return False
+        if link.gate is None:
+            return True
+        opened = self.gate_rows.get(str(link.index))
+        return opened is not None and row >= opened
 
     def __call__(
         self, source: int, sample: int, epoch: int, lengths: np.ndarray, h: int, row: int = 0
@@ -145,7 +161,7 @@ class _Planner:
         u = unit_float(mix64(h, 7))
         # the link is drawn independently of u, so a single transitive_prob plans as before
         link = links[mix64(h, 8) % len(links)] if links else None
-        if link is not None and row >= self.start_row and u < link.prob + self.p_all:
+        if link is not None and self.is_open(link, row) and u < link.prob + self.p_all:
             gen = Block(link.generate, self.reserve[link.generate], link.prompt)
             if u < link.prob:  # [<c> C' <a> A]: the real target after the generated block
                 wanted = [gen, Block(link.target, int(lengths[link.target]))]
@@ -360,6 +376,54 @@ class TransitiveObjective(Objective):
                 row["targets"][end:old_end] = IGNORE
                 row["target_modality"][end:old_end] = -1
                 row["target_direction"][end:old_end] = -1
+
+
+# ---- gates: transitive documents of a link start once its generator is good enough --------
+
+
+def gated_links(objective: Any) -> list[Link]:
+    """The objective's links with a gate (none for an objective without links)."""
+    links = getattr(objective, "links", {})
+    return sorted(
+        (lk for lks in links.values() for lk in lks if lk.gate is not None), key=lambda lk: lk.index
+    )
+
+
+def closed_gates(links: list[Link], loader_state: dict[str, Any] | None) -> list[Link]:
+    """Gated links the loader state has not opened yet (the same on every rank)."""
+    opened = ((loader_state or {}).get("planner") or {}).get("gate_rows", {})
+    return [lk for lk in links if str(lk.index) not in opened]
+
+
+def passed_gates(
+    closed: list[Link],
+    scores: dict[str, float],
+    device: torch.device | str = "cpu",
+    reduce: Callable[[torch.Tensor, str], torch.Tensor] = all_reduce_,
+) -> list[Link]:
+    """The closed links whose monitor score reached the gate on every rank.
+
+    Every rank's monitor computes the same scores; the minimum over ranks makes the decision
+    one decision even if they did not, so no rank plans documents another does not generate."""
+    flags = torch.tensor(
+        [float(scores.get(lk.gate_metric, -1.0) >= (lk.gate or 0.0)) for lk in closed],
+        dtype=torch.float32,
+        device=device,
+    )
+    flags = reduce(flags, "min").cpu()
+    return [lk for lk, f in zip(closed, flags.tolist()) if f > 0]
+
+
+def open_gates(loader_state: dict[str, Any], links: list[Link]) -> dict[str, Any]:
+    """The loader state with `links` opened at the first chunk boundary at or after the rows
+    consumed. Chunks that start before it keep the plan they were trained on (a chunk is planned
+    with its first row), so a resume from any checkpoint, before or after the gate, replans
+    every row the same; the loader must be rebuilt from this state (prefetched rows dropped)."""
+    R = int(loader_state["plan"]["chunk_rows"])
+    row = -(-int(loader_state["rows"]) // R) * R
+    planner = dict(loader_state.get("planner") or {})
+    planner["gate_rows"] = {**planner.get("gate_rows", {}), **{str(lk.index): row for lk in links}}
+    return {**loader_state, "planner": planner}
 
 
 def build(cfg: TrainConfig, layout: VocabLayout) -> Objective:

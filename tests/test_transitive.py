@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import losses, tiny_overrides, torchrun
+from helpers import losses, metrics, tiny_overrides, torchrun
 
 from loretta.config import load_config
 from loretta.data.loader import build_loader
@@ -464,3 +464,158 @@ def test_elastic_resume_of_a_loretta_run(tmp_path: Path, abc_data: Path) -> None
     got = sorted(d for s in range(3, 11) for d in b[s])
     assert any(any(blk[2] >= 0 for blk in json.loads(d[-1])) for d in want)  # transitive docs
     assert got == want
+
+
+# ---- gates: a link's transitive documents wait until its generator is good enough ----------
+
+GATED = [
+    "--objective.transitive_prob=1.0",
+    "--objective.links.0.gate=0.5",  # link 0: (a, b) samples, generate c from b, train [c', a]
+    "--monitor.interval=2",
+    "--monitor.data=held-out",
+    "--monitor.generation=[[b, c]]",
+]
+
+
+def _link_sources(batch: dict[str, Any]) -> set[int]:
+    """Sources of the transitive documents of a micro-batch (0: link 0, 1: link 1)."""
+    return {d[3].source for d in batch["gen_docs"]}
+
+
+def test_a_gated_link_opens_at_a_chunk_boundary_and_replans_the_same(abc_data: Path) -> None:
+    import json
+
+    from loretta.data.chunks import ChunkStream
+    from loretta.data.loader import GlobalStream, chunk_stream, open_sources
+    from loretta.transitive import closed_gates, gated_links, open_gates, passed_gates
+
+    cfg, p, it, _ = setup(abc_data, *GATED)
+    links = gated_links(p.objective)
+    assert [lk.index for lk in links] == [0] and links[0].gate_metric == "monitor/generation/b->c"
+    B, R = cfg.data.micro_batch_size, cfg.data.plan_chunk_rows
+    before = [next(it) for _ in range(3)]  # 24 rows, mid-chunk (16-row chunks)
+    assert all(_link_sources(b) == {1} for b in before)  # only the ungated link
+    state = json.loads(json.dumps(before[-1]["state"]))  # as a checkpoint stores it
+    assert closed_gates(links, state) == links
+
+    def same(t: torch.Tensor, op: str) -> torch.Tensor:
+        return t
+
+    key = links[0].gate_metric
+    assert passed_gates(links, {key: 0.49}, reduce=same) == []
+    assert passed_gates(links, {}, reduce=same) == []  # no score: closed
+    assert passed_gates(links, {key: 0.5}, reduce=same) == links
+    opened = open_gates(state, links)
+    assert closed_gates(links, opened) == []
+    S = opened["planner"]["gate_rows"]["0"]
+    assert S == -(-3 * B // R) * R == 32  # the next chunk boundary after the 24 rows consumed
+
+    it2 = iter(build_loader(cfg, 0, 1, opened, p.objective.planner_factory())[0])
+    after = [next(it2) for _ in range(4)]  # rows 24..55
+    for b in after:
+        assert (0 in _link_sources(b)) == (b["first_row"] >= S), b["first_row"]
+
+    # a resume from a checkpoint on either side of the gate replans every row the same: the
+    # reference is the stream walked from row 0 with the gate opened at row S, and the rows
+    # before S were trained with the gate closed
+    chunks, _ = chunk_stream(
+        cfg, *open_sources(cfg.data, cfg.run.seed), 1, p.objective.planner_factory()
+    )
+    assert isinstance(chunks, ChunkStream)
+    chunks.planner.load_state_dict(opened["planner"])  # type: ignore[attr-defined]
+    ref = GlobalStream(chunks, cfg.data.max_skipped)
+    expect = [
+        (d.source, d.sample, d.epoch, tuple(tuple(blk) for blk in d.blocks))
+        for _ in range(7 * B)
+        for d in ref.next_row()
+    ]
+    consumed = [x for b in before + after for x in _plans(b)]
+    assert sorted(consumed) == sorted(expect)
+
+
+@pytest.mark.parametrize(
+    ("over", "msg"),
+    [
+        (["--objective.links.0.gate=1.5"], "objective.links.0.gate=1.5: must be an accuracy"),
+        (["--objective.links.0.gate=0.3"], "objective.links.0.gate=0.3 needs the live monitor"),
+        (
+            [*GATED[:4], "--monitor.generation=[[b, a]]"],
+            "reads the monitor's generation/b->c score, but monitor.generation=[['b', 'a']]",
+        ),
+    ],
+)
+def test_bad_gates_rejected(abc_data: Path, over: list[str], msg: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny_loretta", overrides(abc_data) + over)
+    assert msg in str(e.value), str(e.value)
+
+
+def test_a_gated_zero3_run_opens_on_the_monitor_and_resumes_exactly(
+    tmp_path: Path, abc_data: Path
+) -> None:
+    """ZeRO-3 for real, 2 ranks: link 0 waits for the live monitor (a held-out split, every 4
+    steps), opens at step 4 and starts at the next chunk boundary. Jobs resumed from checkpoints
+    before the gate (step 2: it must open again at step 4) and after it (step 6: the opening
+    is in the loader state) train on exactly the documents and losses of the run that was
+    never interrupted."""
+    import json
+
+    from loretta.data.synthetic import ensure_synthetic
+
+    cfg = load_config("tiny_loretta")
+    syn = cfg.data.sources[0].synthetic
+    assert syn is not None
+    from dataclasses import replace
+
+    held = tmp_path / "held-out"
+    ensure_synthetic(held, replace(syn, seed=3, samples=300, present=["a", "b", "c"]))
+
+    def run(tmp: Path, *more: str) -> None:
+        over = tiny_overrides(tmp, steps=8, data=abc_data / "ab", **{"data.audit": "true"})
+        torchrun(
+            2,
+            [
+                *("--config", "tiny_loretta", *over, f"--data.sources.1.path={abc_data / 'bc'}"),
+                *("--objective.transitive_prob=0.5", "--objective.links.0.gate=0.0"),
+                *("--monitor.interval=4", f"--monitor.data={held}"),
+                *("--monitor.generation=[[b, c]]", "--monitor.items_per_class=3"),
+                *("--checkpoint.interval=2", "--checkpoint.keep_last=10", *more),
+            ],
+        )
+
+    def audit(run_dir: Path) -> dict[int, list[Any]]:
+        out: dict[int, list[Any]] = {}
+        for f in sorted((run_dir / "audit").glob("rank*.jsonl")):
+            for line in f.read_text().splitlines():
+                rec = json.loads(line)
+                out.setdefault(rec["step"], [])
+                out[rec["step"]] += [
+                    (*d, json.dumps(b)) for d, b in zip(rec["docs"], rec["blocks"])
+                ]
+        return {k: sorted(v) for k, v in out.items()}
+
+    def link(docs: list[Any], source: int) -> int:  # transitive documents of a source's link
+        return sum(1 for d in docs if d[0] == source and any(b[2] >= 0 for b in json.loads(d[-1])))
+
+    run(tmp_path / "a")
+    a = tmp_path / "a" / "run"
+    events = [m for m in metrics(a) if m.get("event") == "transitive_gate"]
+    assert len(events) == 1, events
+    ev = events[0]
+    # 8 rows x 2 ranks a step: 64 rows consumed after step 4, a chunk boundary (16-row chunks)
+    assert (ev["step"], ev["link"], ev["start_row"]) == (4, 0, 64), ev
+    assert ev["metric"] == "monitor/generation/b->c" and 0.0 <= ev["score"] <= 1.0
+    da = audit(a)
+    assert all(link(da[s], 0) == 0 for s in range(1, 5))
+    assert all(link(da[s], 0) > 0 for s in range(5, 9))
+    assert all(link(da[s], 1) > 0 for s in range(1, 9))  # link 1 has no gate: open throughout
+    la = losses(a)
+    for name, step in (("b", 2), ("c", 6)):
+        ck = a / "checkpoints" / f"step_{step:08d}"
+        run(tmp_path / name, f"--checkpoint.resume={ck}")
+        r = tmp_path / name / "run"
+        assert {s: da[s] for s in range(step + 1, 9)} == audit(r), name
+        lr = losses(r)
+        assert {s: la[s] for s in range(step + 1, 9)} == lr, name
+        n = [m for m in metrics(r) if m.get("event") == "transitive_gate"]
+        assert len(n) == (1 if step < 4 else 0), (name, n)

@@ -43,6 +43,12 @@ def decode_images(temperature: float) -> tuple[str, ...]:
     )
 
 
+def gate_image_link(threshold: float) -> tuple[str, ...]:
+    """The recipe's image-generating link (links.1) gated on its generator's validation score,
+    checked every 50 steps (the live monitor's interval for this method)."""
+    return (f"--objective.links.1.gate={threshold}", "--monitor.interval=50")
+
+
 @dataclass(frozen=True)
 class Method:
     overrides: tuple[str, ...] = ()  # decoding too: scoring reads it from the config they make
@@ -82,6 +88,13 @@ METHODS: dict[str, Method] = {
     "control_image_t1": Method((*decode_images(1.0), CONTROL), branch=True),
     "loretta_image_t05": Method(decode_images(0.5), branch=True),
     "control_image_t05": Method((*decode_images(0.5), CONTROL), branch=True),
+    # the fifth round's candidates: the image-generating link waits until the live monitor (on
+    # the validation split, every 50 steps) finds the text -> image generator's samples carry
+    # the class at 0.2 or 0.3 (objective.links.N.gate); the speech link starts as shipped
+    "loretta_gate02": Method(gate_image_link(0.2), branch=True),
+    "control_gate02": Method((*gate_image_link(0.2), CONTROL), branch=True),
+    "loretta_gate03": Method(gate_image_link(0.3), branch=True),
+    "control_gate03": Method((*gate_image_link(0.3), CONTROL), branch=True),
     "ceiling": Method(("--objective.links=[]",), ceiling=True),
 }
 TRUNK = "commutative"

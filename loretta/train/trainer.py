@@ -53,6 +53,7 @@ from loretta.train.metrics import (
 )
 from loretta.train.step import MicroBatch, dry_run_step, train_step
 from loretta.transitive import build as build_objective
+from loretta.transitive import closed_gates, gated_links, open_gates, passed_gates
 from loretta.vocab import VocabLayout
 
 # ---- set-up: everything a user can get wrong, before any process group ----------------------
@@ -257,6 +258,7 @@ def run(
     objective = objective or p.objective
     loader, _ = build_loader(cfg, rank, world, prog.loader_state, objective.planner_factory())
     data = iter(loader)
+    gates = gated_links(objective)  # links whose transitive documents wait for the monitor
     if dry_run:
         return dry_run_step(cfg, eng, data, objective, rank)
 
@@ -336,6 +338,27 @@ def run(
             watchdog.beat()
             logger.advance()
             extra = step_end(callbacks, step, ctx)
+            closed = closed_gates(gates, prog.loader_state)
+            if closed and step % cfg.monitor.interval == 0:  # a monitor step: its scores are in
+                opened = passed_gates(closed, extra, eng.device)
+                if opened:
+                    prog.loader_state = open_gates(prog.loader_state, opened)
+                    del data  # its workers planned rows ahead with the gates closed
+                    loader, _ = build_loader(
+                        cfg, rank, world, prog.loader_state, objective.planner_factory()
+                    )
+                    data = iter(loader)
+                    if rank == 0:
+                        for lk in opened:
+                            logger.event(
+                                step,
+                                "transitive_gate",
+                                link=lk.index,
+                                metric=lk.gate_metric,
+                                score=extra.get(lk.gate_metric),
+                                gate=lk.gate,
+                                start_row=prog.loader_state["planner"]["gate_rows"][str(lk.index)],
+                            )
             if step % cfg.logging.interval == 0 or step == cfg.run.steps:
                 m = window_metrics(
                     stats.reduce_and_reset(E.all_reduce_),
