@@ -219,11 +219,15 @@ def train(
     return ckpts
 
 
-def method_decoding(method: str, preset: Preset, extra: list[str]) -> dict[str, tuple[float, int]]:
-    """modality -> (temperature, top_k) the method's run decodes it with (from its config)."""
+def method_decoding(
+    method: str, preset: Preset, extra: list[str], val: Path
+) -> dict[str, tuple[float, int]]:
+    """modality -> (temperature, top_k) the method's run decodes it with (from its config; the
+    monitor on `val` as in training, which a gated link needs to be a valid config)."""
     from loretta.config import load_config
 
-    over = [*preset.overrides, *METHODS[method].overrides, *extra]
+    monitor = [f"--monitor.interval={preset.monitor_interval}", f"--monitor.data={val}"]
+    over = [*monitor, *preset.overrides, *METHODS[method].overrides, *extra]
     g = load_config(preset.recipe, over).objective.generation
     return {m: g.decoding(m) for m in MODALITIES}
 
@@ -262,7 +266,7 @@ def run(
     ev = load_eval_data(data, split, preset.gallery_per_class)
     per_seed: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     runs: dict[str, Path] = {}
-    decoding = {m: method_decoding(m, preset, extra) for m in methods}
+    decoding = {m: method_decoding(m, preset, extra, data["val"]) for m in methods}
     layout = None
     for seed in seeds:
         for m in order:
