@@ -7,6 +7,7 @@ Every `monitor.interval` steps it scores, on a held-out split (never a training 
   * the class information in the generator's samples for each `monitor.generation` pair (e.g.
     text -> image: the pseudo-modalities transitive documents are built from), decoded as the
     objective decodes them and labelled by a linear classifier fit on the split's real samples.
+A gated transitive link (objective.links.N.gate) opens on its generator's score here.
 Every rank computes the same (small) thing under one weight gather, with the engine's gathered
 forward (no collective per call), so ranks stay in lockstep; rank 0 logs.
 """

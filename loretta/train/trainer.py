@@ -348,17 +348,21 @@ def run(
                         cfg, rank, world, prog.loader_state, objective.planner_factory()
                     )
                     data = iter(loader)
-                    if rank == 0:
-                        for lk in opened:
-                            logger.event(
-                                step,
-                                "transitive_gate",
-                                link=lk.index,
-                                metric=lk.gate_metric,
-                                score=extra.get(lk.gate_metric),
-                                gate=lk.gate,
-                                start_row=prog.loader_state["planner"]["gate_rows"][str(lk.index)],
-                            )
+                    planner = prog.loader_state["planner"]
+                    for lk in opened if rank == 0 else ():
+                        logger.event(
+                            step,
+                            "transitive_gate",
+                            link=lk.index,
+                            metric=lk.gate_metric,
+                            score=extra.get(lk.gate_metric),
+                            gate=lk.gate,
+                            # its first transitive row: not before objective.transitive_start
+                            start_row=max(
+                                planner["gate_rows"][str(lk.index)],
+                                planner["transitive_start_row"],
+                            ),
+                        )
             if step % cfg.logging.interval == 0 or step == cfg.run.steps:
                 m = window_metrics(
                     stats.reduce_and_reset(E.all_reduce_),
