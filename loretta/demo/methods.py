@@ -13,6 +13,9 @@ IMAGE_LINK_ONLY = "--objective.links=[{source: ls, prompt: text, generate: image
 # what every modality was decoded with before the fourth round (images greedy too): the earlier
 # selections below keep it, so that their reports can be rerun
 GREEDY_IMAGES = "--objective.generation.top_k_by_modality={}"
+# the image link without its gate, as before the fifth round (the monitor's interval does not
+# change training: it samples with its own generator)
+UNGATED = "--objective.links.1.gate=null"
 
 
 def per_link(speech: float, image: float) -> str:
@@ -84,13 +87,16 @@ METHODS: dict[str, Method] = {
     # the fourth round's candidates: pseudo-images sampled (at temperature 1 or 0.5) instead of
     # greedy, pseudo-speech greedy as before, at the shipped shares (selected: temperature 1,
     # what `loretta` now trains)
-    "loretta_image_t1": Method(decode_images(1.0), branch=True),
-    "control_image_t1": Method((*decode_images(1.0), CONTROL), branch=True),
-    "loretta_image_t05": Method(decode_images(0.5), branch=True),
-    "control_image_t05": Method((*decode_images(0.5), CONTROL), branch=True),
-    # the fifth round's candidates: the image-generating link waits until the live monitor (on
-    # the validation split, every 50 steps) finds the text -> image generator's samples carry
-    # the class at 0.2 or 0.3 (objective.links.N.gate); the speech link starts as shipped
+    "loretta_image_t1": Method((*decode_images(1.0), UNGATED), branch=True),
+    "control_image_t1": Method((*decode_images(1.0), UNGATED, CONTROL), branch=True),
+    "loretta_image_t05": Method((*decode_images(0.5), UNGATED), branch=True),
+    "control_image_t05": Method((*decode_images(0.5), UNGATED, CONTROL), branch=True),
+    # the fifth round: the fourth round's choice (what `loretta` trained before it) ...
+    "loretta_ungated": Method((UNGATED,), branch=True),
+    "control_ungated": Method((UNGATED, CONTROL), branch=True),
+    # ... and its candidates: the image-generating link waits until the live monitor (on the
+    # validation split, every 50 steps) finds the text -> image generator's samples carry the
+    # class at 0.2 or 0.3 (objective.links.N.gate; selected: 0.2, what `loretta` now trains)
     "loretta_gate02": Method(gate_image_link(0.2), branch=True),
     "control_gate02": Method((*gate_image_link(0.2), CONTROL), branch=True),
     "loretta_gate03": Method(gate_image_link(0.3), branch=True),
