@@ -1,11 +1,11 @@
 """The SVL-digits evidence run: every method and control on fresh seeds, scored on the test
 split, with choices made beforehand on the validation split (docs/demo-results/README.md).
-At the shipped 1,500 steps on 2 CPU cores: 3,459 s for the shipped recipe (images sampled,
-seeds 1003-1005, commit 946296b, idle machine, 2026-11-30; 1,988 s on a 2-core AMD EPYC);
-3,354 s for greedy images; earlier settings took 3,050 s (both links 0.5) and 4,863 s (both
-0.25, a day the machine ran about 1.5x slower); `--preset gpu` on one H100/H200: not yet run.
+At the shipped 1,500 steps on 2 CPU cores: 2,615 s for the shipped recipe (the image link
+gated on validation, seeds 1006-1008, commit 3dd20d0, a 2-core AMD EPYC, 2026-11-30); before
+the gate, 3,459 s on the first development machine and 1,988 s on the EPYC (seeds 1003-1005,
+the monitor every 500 steps instead of 50); `--preset gpu` on one H100/H200: not yet run.
 
-    python bench/demo.py [--seeds 1003,1004,1005] [--out runs/bench-demo] [--preset bench]
+    python bench/demo.py [--seeds 1006,1007,1008] [--out runs/bench-demo] [--preset bench]
 
 Last line: JSON with, per missing-pair direction (`image_to_speech`, `speech_to_image`), each
 method's mean test accuracy (zero-shot retrieval), `diff_ci95_low`/`diff_ci95_high` (LoReTTa as

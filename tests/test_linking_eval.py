@@ -201,3 +201,13 @@ def test_every_demo_method_is_a_valid_config() -> None:
                 for d in (got, want):
                     d["objective"].pop("control")
                 assert got == want, name
+    # the fifth round: `loretta` (and so its control and faithful variant) gates the image link;
+    # the earlier rounds' methods reproduce the ungated link they were run with
+    gates = {
+        name: [lk.gate for lk in load_config("svl_digits", list(m.overrides)).objective.links]
+        for name, m in METHODS.items()
+    }
+    for name in ("loretta", "control", "loretta_faithful", "loretta_gate02"):
+        assert gates[name] == [None, 0.2], name
+    for name in ("loretta_ungated", "control_ungated", "loretta_image_t1", "loretta_p25"):
+        assert gates[name] in ([None, None], [None]), name
