@@ -416,12 +416,13 @@ def passed_gates(
 
 def open_gates(loader_state: dict[str, Any], links: list[Link]) -> dict[str, Any]:
     """The loader state with `links` opened at the first chunk boundary at or after the rows
-    consumed. Chunks that start before it keep the plan they were trained on (a chunk is planned
-    with its first row), so a resume from any checkpoint, before or after the gate, replans
-    every row the same; the loader must be rebuilt from this state (prefetched rows dropped)."""
+    consumed (and not before the transitive start row): the links' first transitive row.
+    Chunks that start before it keep the plan they were trained on (a chunk is planned with its
+    first row), so a resume from any checkpoint, before or after the gate, replans every row the
+    same; the loader must be rebuilt from this state (prefetched rows dropped)."""
     R = int(loader_state["plan"]["chunk_rows"])
-    row = -(-int(loader_state["rows"]) // R) * R
     planner = dict(loader_state.get("planner") or {})
+    row = max(-(-int(loader_state["rows"]) // R) * R, int(planner.get("transitive_start_row", 0)))
     planner["gate_rows"] = {**planner.get("gate_rows", {}), **{str(lk.index): row for lk in links}}
     return {**loader_state, "planner": planner}
 

@@ -210,4 +210,4 @@ def test_every_demo_method_is_a_valid_config() -> None:
     for name in ("loretta", "control", "loretta_faithful", "loretta_gate02"):
         assert gates[name] == [None, 0.2], name
     for name in ("loretta_ungated", "control_ungated", "loretta_image_t1", "loretta_p25"):
-        assert gates[name] in ([None, None], [None]), name
+        assert gates[name] == [None, None], name

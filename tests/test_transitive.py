@@ -427,22 +427,24 @@ def test_elastic_resume_keeps_the_transitive_decisions(abc_data: Path, old: int,
     assert sorted(consumed) == sorted(expect)
 
 
+def audit(run_dir: Path) -> dict[int, list[Any]]:
+    """step -> the documents every rank trained on (with their blocks), from the audit logs."""
+    import json
+
+    out: dict[int, list[Any]] = {}
+    for f in sorted((run_dir / "audit").glob("rank*.jsonl")):
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            out.setdefault(rec["step"], [])
+            out[rec["step"]] += [(*d, json.dumps(b)) for d, b in zip(rec["docs"], rec["blocks"])]
+    return {k: sorted(v) for k, v in out.items()}
+
+
 def test_elastic_resume_of_a_loretta_run(tmp_path: Path, abc_data: Path) -> None:
     """ZeRO-3 for real: a tiny_loretta run at 2 ranks, resumed from its step-2 checkpoint at 1
     rank in another folder with more steps: the audit logs hold exactly the documents, and the
     generated blocks, of the uninterrupted run."""
     import json
-
-    def audit(run: Path) -> dict[int, list[Any]]:
-        out: dict[int, list[Any]] = {}
-        for f in sorted((run / "audit").glob("rank*.jsonl")):
-            for line in f.read_text().splitlines():
-                rec = json.loads(line)
-                out.setdefault(rec["step"], [])
-                out[rec["step"]] += [
-                    (*d, json.dumps(b)) for d, b in zip(rec["docs"], rec["blocks"])
-                ]
-        return out
 
     def run(tmp: Path, nproc: int, steps: int, *more: str) -> None:
         over = tiny_overrides(tmp, steps=steps, data=abc_data / "ab", **{"data.audit": "true"})
@@ -509,6 +511,9 @@ def test_a_gated_link_opens_at_a_chunk_boundary_and_replans_the_same(abc_data: P
     assert closed_gates(links, opened) == []
     S = opened["planner"]["gate_rows"]["0"]
     assert S == -(-3 * B // R) * R == 32  # the next chunk boundary after the 24 rows consumed
+    # a gate that passes before objective.transitive_start opens the link at the start row
+    late = {**state, "planner": {**state["planner"], "transitive_start_row": 80}}
+    assert open_gates(late, links)["planner"]["gate_rows"] == {"0": 80}
 
     it2 = iter(build_loader(cfg, 0, 1, opened, p.objective.planner_factory())[0])
     after = [next(it2) for _ in range(4)]  # rows 24..55
@@ -582,17 +587,6 @@ def test_a_gated_zero3_run_opens_on_the_monitor_and_resumes_exactly(
                 *("--checkpoint.interval=2", "--checkpoint.keep_last=10", *more),
             ],
         )
-
-    def audit(run_dir: Path) -> dict[int, list[Any]]:
-        out: dict[int, list[Any]] = {}
-        for f in sorted((run_dir / "audit").glob("rank*.jsonl")):
-            for line in f.read_text().splitlines():
-                rec = json.loads(line)
-                out.setdefault(rec["step"], [])
-                out[rec["step"]] += [
-                    (*d, json.dumps(b)) for d, b in zip(rec["docs"], rec["blocks"])
-                ]
-        return {k: sorted(v) for k, v in out.items()}
 
     def link(docs: list[Any], source: int) -> int:  # transitive documents of a source's link
         return sum(1 for d in docs if d[0] == source and any(b[2] >= 0 for b in json.loads(d[-1])))

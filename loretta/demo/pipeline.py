@@ -203,8 +203,7 @@ def train(
         f"--run.steps={steps}",
         _sources(data, spec.ceiling),
         "--checkpoint.keep_last=2",
-        f"--monitor.interval={preset.monitor_interval}",
-        f"--monitor.data={data['val']}",
+        *monitor_overrides(preset, data["val"]),
         *preset.overrides,
         *spec.overrides,
         *extra,
@@ -223,6 +222,11 @@ def train(
     return ckpts
 
 
+def monitor_overrides(preset: Preset, val: Path) -> list[str]:
+    """The live monitor on the validation split (which also opens gated links), every run."""
+    return [f"--monitor.interval={preset.monitor_interval}", f"--monitor.data={val}"]
+
+
 def method_decoding(
     method: str, preset: Preset, extra: list[str], val: Path
 ) -> dict[str, tuple[float, int]]:
@@ -230,8 +234,7 @@ def method_decoding(
     monitor on `val` as in training, which a gated link needs to be a valid config)."""
     from loretta.config import load_config
 
-    monitor = [f"--monitor.interval={preset.monitor_interval}", f"--monitor.data={val}"]
-    over = [*monitor, *preset.overrides, *METHODS[method].overrides, *extra]
+    over = [*monitor_overrides(preset, val), *preset.overrides, *METHODS[method].overrides, *extra]
     g = load_config(preset.recipe, over).objective.generation
     return {m: g.decoding(m) for m in MODALITIES}
 

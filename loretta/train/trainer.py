@@ -256,8 +256,11 @@ def run(
     rank, world = info.rank, info.world_size
     prog = resume(p, eng)
     objective = objective or p.objective
-    loader, _ = build_loader(cfg, rank, world, prog.loader_state, objective.planner_factory())
-    data = iter(loader)
+
+    def stream(state: Any) -> Any:  # this rank's batches from a loader state (None: the start)
+        return iter(build_loader(cfg, rank, world, state, objective.planner_factory())[0])
+
+    data = stream(prog.loader_state)
     gates = gated_links(objective)  # links whose transitive documents wait for the monitor
     if dry_run:
         return dry_run_step(cfg, eng, data, objective, rank)
@@ -338,17 +341,14 @@ def run(
             watchdog.beat()
             logger.advance()
             extra = step_end(callbacks, step, ctx)
-            closed = closed_gates(gates, prog.loader_state)
+            closed = closed_gates(gates, prog.loader_state) if gates else []
             if closed and step % cfg.monitor.interval == 0:  # a monitor step: its scores are in
                 opened = passed_gates(closed, extra, eng.device)
                 if opened:
                     prog.loader_state = open_gates(prog.loader_state, opened)
                     del data  # its workers planned rows ahead with the gates closed
-                    loader, _ = build_loader(
-                        cfg, rank, world, prog.loader_state, objective.planner_factory()
-                    )
-                    data = iter(loader)
-                    planner = prog.loader_state["planner"]
+                    data = stream(prog.loader_state)
+                    rows = prog.loader_state["planner"]["gate_rows"]
                     for lk in opened if rank == 0 else ():
                         logger.event(
                             step,
@@ -357,11 +357,7 @@ def run(
                             metric=lk.gate_metric,
                             score=extra.get(lk.gate_metric),
                             gate=lk.gate,
-                            # its first transitive row: not before objective.transitive_start
-                            start_row=max(
-                                planner["gate_rows"][str(lk.index)],
-                                planner["transitive_start_row"],
-                            ),
+                            start_row=rows[str(lk.index)],
                         )
             if step % cfg.logging.interval == 0 or step == cfg.run.steps:
                 m = window_metrics(
