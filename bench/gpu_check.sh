@@ -55,7 +55,7 @@ rm -rf "$run1b"
 step pretrain_mfu_1b $py -m torch.distributed.run --nproc_per_node=1 --master_port=29732 \
   -m loretta.pretrain --config llama_1b --run.run_dir="$run1b" \
   --data.sources.0.path=synthetic:/tmp/gpu-1b-data --run.device=cuda --run.steps=${STEPS_1B:-40} \
-  --data.micro_batch_size=${MBS_1B:-8} --model.attn_backend=${ATTN_1B:-auto} \
+  --data.micro_batch_size=${MBS_1B:-16} --model.attn_backend=${ATTN_1B:-auto} \
   --optim.warmup_steps=5 --logging.interval=10 \
   --logging.wandb=disabled --logging.progress=never --checkpoint.interval=0 \
   --checkpoint.save_final=false
@@ -64,7 +64,7 @@ step pretrain_mfu_1b $py -m torch.distributed.run --nproc_per_node=1 --master_po
 # ZeRO-3 generation inside training on the GPU: naive, hooks + KV cache, gathered once + KV cache,
 # host-sampled (before) and compiled decode, timed alike (median of repeats)
 step transitive_generation_cuda $py bench/transitive_generation.py --device cuda --dim 1024 \
-  --layers 8 --prompts 64 --new 196 --steps ${GEN_STEPS:-6} --compile-decode
+  --layers 8 --prompts 64 --new 196 --steps ${GEN_STEPS:-6} --repeats ${GEN_REPEATS:-3} --compile-decode
 
 # CUDA attention backends (varlen; flash_attn when installed), fused-loss kernels, compiled
 # blocks, on-device sampling, and bf16 ZeRO-3 over NCCL

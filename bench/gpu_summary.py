@@ -1,6 +1,10 @@
 """The figures of one bench/gpu_check.sh run as one JSON line, read from its log folder:
 
-    mfu_1b, tokens_per_s_1b   llama_1b recipe, last logging window (compilation excluded)
+    mfu_1b, tokens_per_s_1b   llama_1b recipe, last logging window (compilation excluded);
+                              every position of the packed rows counts, padding too
+    packing_efficiency_1b     the share of those positions that hold document tokens
+    mfu_1b_doc_tokens         mfu_1b x packing_efficiency_1b: document tokens only, as peers
+                              that pack without padding count them
     mfu_0p4b                  the 8 x 2048-dim (~0.4B) run, for comparison with earlier checks
     gen_share                 share of a transitive training step spent generating
     gen_share_compiled        the same with compiled decode steps
@@ -56,6 +60,12 @@ def summary(out: Path) -> dict[str, Any]:
         card = rows[0].split(",")[0].strip() if rows else None
     return {
         "mfu_1b": w1b.get("mfu"),
+        "packing_efficiency_1b": w1b.get("packing_efficiency"),
+        "mfu_1b_doc_tokens": (
+            w1b["mfu"] * w1b["packing_efficiency"]
+            if "mfu" in w1b and "packing_efficiency" in w1b
+            else None
+        ),
         "tokens_per_s_1b": w1b.get("tokens_per_s"),
         "step_time_s_1b": w1b.get("step_time_s"),
         "mem_gpu_gb_1b": w1b.get("mem_gpu_gb"),

@@ -26,7 +26,14 @@ def test_summary_reads_the_logs(tmp_path: Path) -> None:
     recs = [
         {"event": "start", "step": 0},
         {"step": 10, "loss": 9.0, "mfu": 0.41, "tokens_per_s": 30000.0},
-        {"step": 20, "loss": 8.0, "mfu": 0.52, "tokens_per_s": 38000.0, "step_time_s": 0.43},
+        {
+            "step": 20,
+            "loss": 8.0,
+            "mfu": 0.52,
+            "tokens_per_s": 38000.0,
+            "step_time_s": 0.43,
+            "packing_efficiency": 0.75,
+        },
     ]
     (tmp_path / "pretrain_mfu_1b_metrics.jsonl").write_text(
         "\n".join(json.dumps(r) for r in recs) + "\n"
@@ -41,6 +48,7 @@ def test_summary_reads_the_logs(tmp_path: Path) -> None:
     )
     s = json.loads(r.stdout.strip().splitlines()[-1])
     assert s["mfu_1b"] == 0.52 and s["tokens_per_s_1b"] == 38000.0 and s["card"] == "NVIDIA H200"
+    assert s["packing_efficiency_1b"] == 0.75 and abs(s["mfu_1b_doc_tokens"] - 0.39) < 1e-12
     assert s["gen_share"] == 0.3
     assert s["gen_tokens_per_s"]["before"] == 2000.0 and s["gen_tokens_per_s"]["after"] == 9000.0
     assert s["mfu_0p4b"] is None

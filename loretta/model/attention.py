@@ -15,7 +15,6 @@ CUDA-only. ``auto`` takes the first available of flash_attn_4, flash_attn, varle
 from __future__ import annotations
 
 import functools
-import importlib.util
 import inspect
 import math
 from dataclasses import dataclass
@@ -23,6 +22,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from loretta.optional import find_spec, import_problem
 
 BACKENDS = ("eager", "sdpa", "varlen", "flash_attn", "flash_attn_4")
 _VARLEN_BACKENDS = ("varlen", "flash_attn", "flash_attn_4")
@@ -40,21 +41,12 @@ def _varlen_fn() -> Any:
     return varlen_attn
 
 
-def _find(name: str) -> Any:
-    try:
-        return importlib.util.find_spec(name)
-    except (ImportError, ValueError):
-        return None
-
-
-def _has_flash_attn_2() -> bool:
+def _flash_attn_2_problem() -> str | None:
     # flash-attn-4 alone installs flash_attn/ as a namespace package (no __init__, origin None)
-    spec = _find("flash_attn")
-    return spec is not None and spec.origin not in (None, "namespace")
-
-
-def _has_flash_attn_4() -> bool:
-    return _find("flash_attn") is not None and _find("flash_attn.cute") is not None
+    spec = find_spec("flash_attn")
+    if spec is None or spec.origin in (None, "namespace"):
+        return "the flash-attn package is not installed (pip install 'loretta[gpu]')"
+    return import_problem("flash_attn", "pip install 'loretta[gpu]'")
 
 
 @functools.cache
@@ -83,15 +75,12 @@ def backend_available(
             )
         return True, ""
     if name == "flash_attn":
-        if not _has_flash_attn_2():
-            return False, "the flash-attn package is not installed (pip install 'loretta[gpu]')"
-        return True, ""
+        problem = _flash_attn_2_problem()
+        return (False, problem) if problem else (True, "")
     if name == "flash_attn_4":
-        if not _has_flash_attn_4():
-            return (
-                False,
-                "the flash-attn-4 package is not installed (pip install --pre flash-attn-4)",
-            )
+        problem = import_problem("flash_attn.cute", "pip install --pre flash-attn-4")
+        if problem:
+            return False, f"flash-attn-4: {problem}"
         major = torch.cuda.get_device_capability(device)[0]
         if major < 9:
             return (

@@ -8,7 +8,7 @@ from typing import Literal
 AttnBackend = Literal["auto", "eager", "sdpa", "varlen", "flash_attn", "flash_attn_4"]
 # the training loss: 'chunked' (fused output projection + cross-entropy in plain torch, no full
 # logits), 'torch' (full fp32 logits, the reference), 'cce'/'liger' (library kernels, CUDA);
-# 'auto': a library kernel on CUDA when installed, else 'chunked'
+# 'auto': liger on CUDA when it imports, else 'chunked' (cce adds its gradients in bf16)
 LossImpl = Literal["auto", "chunked", "torch", "liger", "cce"]
 
 # how the model runs, not what it computes: a checkpoint may resume with other values

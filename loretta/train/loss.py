@@ -15,12 +15,12 @@ engine has the output weight gathered while it is used.
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+
+from loretta.optional import import_problem
 
 IGNORE = -100  # target value that carries no loss (loretta.data.sequences.IGNORE)
 LossImpl = Literal["auto", "chunked", "torch", "liger", "cce"]
@@ -169,11 +169,6 @@ def chunked_linear_cross_entropy(
     return out
 
 
-@functools.cache
-def _have(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
 def impl_available(name: str, device: torch.device) -> tuple[bool, str]:
     """(available, reason if not) for loss implementation `name` on `device`."""
     if name in ("chunked", "torch"):
@@ -186,16 +181,16 @@ def impl_available(name: str, device: torch.device) -> tuple[bool, str]:
         return False, f"unknown loss implementation {name!r}; choose one of {LOSS_IMPLS}"
     if device.type != "cuda":
         return False, f"'{name}' runs on CUDA only (device is {device.type})"
-    if not _have(pkg[name][0]):
-        return False, f"the {pkg[name][1]} package is not installed (pip install {pkg[name][1]})"
-    return True, ""
+    problem = import_problem(pkg[name][0], f"pip install {pkg[name][1]}")
+    return (False, problem) if problem else (True, "")
 
 
 def resolve_loss_impl(name: str, device: torch.device) -> str:
-    """'auto' -> a library kernel on CUDA when installed (cut-cross-entropy, then liger-kernel),
-    else 'chunked'; an unavailable explicit choice is an error."""
+    """'auto' -> liger-kernel on CUDA when it imports, else 'chunked'; cut-cross-entropy only
+    when asked for ('cce': its gradients are approximate, see linear_cross_entropy); an
+    unavailable explicit choice is an error."""
     if name == "auto":
-        for cand in ("cce", "liger"):
+        for cand in ("liger",):
             if impl_available(cand, device)[0]:
                 return cand
         return "chunked"
@@ -231,9 +226,10 @@ def linear_cross_entropy(
     if impl == "cce":
         from cut_cross_entropy import linear_cross_entropy as cce  # optional GPU extra
 
-        # filter_eps=None: exact gradients. cut-cross-entropy's default ("high") skips the
-        # vocabulary entries whose softmax falls below bf16 resolution, which moved 0.3% of the
-        # hidden-state gradients by up to 0.14 against the chunked loss (H200, tests/test_loss.py)
+        # filter_eps=None: no vocabulary entries skipped. Its gradients stay approximate all the
+        # same: cut-cross-entropy 25.1 adds each vocabulary block's share of dh and dW into a
+        # tensor of h's dtype (bf16), so 0.3% of dh moved by up to 0.14 against the chunked loss
+        # with or without filtering (H200, 2026-11-29 and -30). Hence 'auto' never picks it.
         out: torch.Tensor = cce(
             h, w, targets, ignore_index=IGNORE, reduction="none", filter_eps=None
         )
