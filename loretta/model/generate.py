@@ -309,6 +309,12 @@ def generate(
         cache = KVCache.empty(model.cfg, N, P + cfg.max_new_tokens, device, dtype, static)
         logits = fwd(ids, positions, doc, cache=cache)[:, -1]  # prefill: eager
         if compile_step:
+            # the step writes into the cache in place; CUDA graphs skip a function that mutates
+            # an input unless that input's address is static (torch's cudagraph_utils
+            # check_for_mutation), so unmarked the compiled step ran without graphs. Unguarded:
+            # a new cache (a new generate call) re-records the graphs instead of recompiling.
+            for buf in (cache.k, cache.v, cache.doc_ids, cache.pos):
+                torch._dynamo.mark_static_address(buf, guard=False)
             step = _compiled_step(fwd)
     else:
         logits = fwd(ids, positions, doc)[:, -1]
