@@ -184,10 +184,13 @@ class ObjectiveConfig:
     transitive_start: float = 0.0
     loss_on_generated: bool = False  # train on the model's own samples too (default: no)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-    # negative control: 'other_class' generates each pseudo-modality from the prompt modality of
+    # negative controls: 'other_class' generates each pseudo-modality from the prompt modality of
     # a sample of another class (its metadata's `control_label_key` differs). Same documents and
-    # compute as LoReTTa, no cross-modal information: any gain it shows is not linking.
-    control: Literal["none", "other_class"] = "none"
+    # compute as LoReTTa, no cross-modal information: any gain it shows is not linking. Its
+    # documents pair class j with a class other than j, so they teach "not j" (anti-informative).
+    # 'any_sample' takes the prompt from another sample of any class (no labels needed):
+    # uninformative rather than anti-informative.
+    control: Literal["none", "other_class", "any_sample"] = "none"
     control_label_key: str = "label"
 
     def problems(self, sources: list[str], p: str = "objective") -> list[str]:
@@ -223,7 +226,7 @@ class ObjectiveConfig:
                 f"{p}.control={self.control!r} needs objective.links (it changes how transitive "
                 "documents are generated); remove it or add links"
             )
-        if self.control != "none" and not self.control_label_key:
+        if self.control == "other_class" and not self.control_label_key:
             out.append(f"{p}.control_label_key: empty; name the metadata key holding the class")
         g = self.generation
         temps = [("temperature", g.temperature)] + [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -121,7 +122,9 @@ def test_selection_on_validation_never_reads_test(svl: dict[str, Path], tmp_path
         scoring.load_eval_data(data, "test", 2)
 
 
-def test_negative_control_prompts_come_from_another_class(tmp_path: Path) -> None:
+def control_documents(tmp_path: Path, mode: str, label_key: str = "label") -> list[Any]:
+    """(dataset, sample, prompt arrays' donors, own arrays) of every generated block of 8 rows of
+    tiny_loretta written under control `mode`; checks the documents' tokens equal a plain run's."""
     from loretta.config import load_config
     from loretta.data.loader import RowWriter, global_stream, open_sources
     from loretta.transitive import build
@@ -130,20 +133,20 @@ def test_negative_control_prompts_come_from_another_class(tmp_path: Path) -> Non
         f"--data.sources.0.path=synthetic:{tmp_path / 'ab'}",
         f"--data.sources.1.path=synthetic:{tmp_path / 'bc'}",
         "--objective.transitive_prob=1.0",
-        "--objective.control=other_class",
+        f"--objective.control={mode}",
     ]
     cfg = load_config("tiny_loretta", over)
     datasets, layout = open_sources(cfg.data, cfg.run.seed)
     obj = build(cfg, layout)
     stream, builder = global_stream(cfg, datasets, layout, 1, obj.planner_factory())
-    writer = RowWriter(datasets, builder, "raise", ("label", cfg.run.seed))
+    writer = RowWriter(datasets, builder, "raise", (mode, label_key, cfg.run.seed))
     plain = RowWriter(datasets, builder, "raise")
     rows = [stream.next_row() for _ in range(8)]
     ctl, ref = writer.write(rows), plain.write(rows)
     assert ctl["gen_docs"], "tiny_loretta with transitive_prob=1 plans generated blocks"
+    out = []
     for (_, _, _, plan, arrays), (*_, own) in zip(ctl["gen_docs"], ref["gen_docs"]):
         ds = datasets[plan.source]
-        label = ds.meta(plan.sample)["label"]
         for b in plan.blocks:
             if b.gen_from < 0:
                 assert np.array_equal(arrays[b.modality], own[b.modality])  # the real target
@@ -156,9 +159,26 @@ def test_negative_control_prompts_come_from_another_class(tmp_path: Path) -> Non
                 if ds.lengths[j][b.gen_from] == len(prompt)
                 and np.array_equal(ds.read(j, [name])[name], prompt)
             ]
-            assert donors and all(ds.meta(j)["label"] != label for j in donors)
+            assert donors
+            out.append((ds, plan.sample, donors))
     # same documents and token layout as the plain run: only the prompts differ
     assert np.array_equal(ctl["tokens"], ref["tokens"])
+    return out
+
+
+def test_negative_control_prompts_come_from_another_class(tmp_path: Path) -> None:
+    for ds, sample, donors in control_documents(tmp_path, "other_class"):
+        label = ds.meta(sample)["label"]
+        assert all(ds.meta(j)["label"] != label for j in donors)
+
+
+def test_any_sample_control_takes_prompts_from_any_class(tmp_path: Path) -> None:
+    # needs no labels: a key that no sample has is never read
+    docs = control_documents(tmp_path, "any_sample", label_key="no_such_key")
+    # of any class: about one prompt in 10 classes comes from the document's own class (3 of
+    # the 32 here), where 'other_class' never takes one
+    same = [any(ds.meta(j)["label"] == ds.meta(s)["label"] for j in d) for ds, s, d in docs]
+    assert any(same) and not all(same)
 
 
 def test_statistics() -> None:
@@ -194,9 +214,11 @@ def test_every_demo_method_is_a_valid_config() -> None:
         for name, method in METHODS.items():
             cfg = load_config(preset.recipe, [*preset.overrides, *method.overrides])
             if name.startswith("control"):
-                twin = METHODS["loretta" + name.removeprefix("control")]
+                # control_any: the shipped LoReTTa's with prompts from any sample
+                any_sample = name == "control_any"
+                twin = METHODS["loretta" + ("" if any_sample else name.removeprefix("control"))]
                 same = load_config(preset.recipe, [*preset.overrides, *twin.overrides])
-                assert cfg.objective.control == "other_class", name
+                assert cfg.objective.control == ("any_sample" if any_sample else "other_class")
                 got, want = to_dict(cfg), to_dict(same)
                 for d in (got, want):
                     d["objective"].pop("control")
@@ -207,7 +229,7 @@ def test_every_demo_method_is_a_valid_config() -> None:
         name: [lk.gate for lk in load_config("svl_digits", list(m.overrides)).objective.links]
         for name, m in METHODS.items()
     }
-    for name in ("loretta", "control", "loretta_faithful", "loretta_gate02"):
+    for name in ("loretta", "control", "control_any", "loretta_faithful", "loretta_gate02"):
         assert gates[name] == [None, 0.2], name
     for name in ("loretta_ungated", "control_ungated", "loretta_image_t1", "loretta_p25"):
         assert gates[name] == [None, None], name

@@ -189,16 +189,17 @@ def load_stream_state(chunks: ChunkStream, s: dict[str, Any]) -> None:
 class RowWriter:
     """Materialises planned rows from the datasets.
 
-    control: (metadata label key, seed) for the negative control: the prompt of every generated
-    block is read from a sample of another class (a pure function of the document), so the
-    pseudo-modality carries no information about this sample's class."""
+    control: (mode, metadata label key, seed) for a negative control: the prompt of every
+    generated block is read from another sample (a pure function of the document), of another
+    class ('other_class') or of any class ('any_sample'), so the pseudo-modality carries no
+    information about this sample's class."""
 
     def __init__(
         self,
         datasets: list[Any],
         builder: SequenceBuilder,
         on_error: str,
-        control: tuple[str, int] | None = None,
+        control: tuple[str, str, int] | None = None,
     ) -> None:
         self.datasets, self.builder, self.on_error = datasets, builder, on_error
         self.control = control
@@ -206,27 +207,34 @@ class RowWriter:
 
     def _label(self, ds: Any, i: int) -> Any:
         assert self.control is not None
+        key = self.control[1]
         meta = ds.meta(i)
-        if self.control[0] not in meta:
+        if key not in meta:
             raise DataError(
-                f"{ds.where(i)}: no {self.control[0]!r} in its metadata, which "
+                f"{ds.where(i)}: no {key!r} in its metadata, which "
                 "objective.control='other_class' needs (set objective.control_label_key)"
             )
-        return meta[self.control[0]]
+        return meta[key]
 
     def control_prompt(self, ds: Any, plan: DocPlan, modality: int) -> np.ndarray:
-        """The `modality` array of a sample of another class than plan.sample (seeded)."""
+        """The `modality` array of another sample than plan.sample (seeded): of another class
+        for 'other_class', of any class for 'any_sample'."""
         assert self.control is not None
-        own = self._label(ds, plan.sample)
-        h = mix64(self.control[1], 0xC0417201, plan.source, plan.epoch, plan.sample, modality)
+        mode, _, seed = self.control
+        own = self._label(ds, plan.sample) if mode == "other_class" else None
+        h = mix64(seed, 0xC0417201, plan.source, plan.epoch, plan.sample, modality)
         name = ds.layout.names[modality]
         for k in range(256):
             j = mix64(h, k) % len(ds)
-            if ds.lengths[j][modality] > 0 and self._label(ds, j) != own:
+            if j == plan.sample or ds.lengths[j][modality] == 0:
+                continue
+            if mode == "any_sample" or self._label(ds, j) != own:
                 return np.array(ds.read(j, [name])[name])
+        need = "of another class" if mode == "other_class" else "other"
         raise DataError(
-            f"{ds.where(plan.sample)}: no sample of another class with {name!r} found for "
-            "the negative control; the source needs at least two classes"
+            f"{ds.where(plan.sample)}: no {need} sample with {name!r} found for the negative "
+            f"control {mode!r}; the source needs "
+            + ("at least two classes" if mode == "other_class" else "at least two samples")
         )
 
     def empty(self, n_rows: int) -> dict[str, np.ndarray]:
@@ -421,7 +429,11 @@ class RankStream(torch.utils.data.IterableDataset):  # type: ignore[type-arg]
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         chunks, builder = self.make_stream()
         obj = self.cfg.objective
-        control = (obj.control_label_key, self.cfg.run.seed) if obj.control != "none" else None
+        control = (
+            (obj.control, obj.control_label_key, self.cfg.run.seed)
+            if obj.control != "none"
+            else None
+        )
         writer = RowWriter(self.datasets, builder, self.cfg.data.on_error, control)
         B, W, r = self.cfg.data.micro_batch_size, self.world, self.rank
         state = self.state or {}

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 FIXED_ORDER = "--data.sequence.fixed_order=[image,text,speech]"
 P50 = "--objective.transitive_prob=0.5"
 CONTROL = "--objective.control=other_class"
+# the prompt from another sample of any class: uninformative where CONTROL is anti-informative
+# (added after the fifth round's report, as a diagnostic beside it; not used for any choice)
+CONTROL_ANY = "--objective.control=any_sample"
 IMAGE_LINK_ONLY = "--objective.links=[{source: ls, prompt: text, generate: image, target: speech}]"
 
 
@@ -67,6 +70,7 @@ METHODS: dict[str, Method] = {
     "loretta_greedy": Method(decode_all(1.0, 1), branch=True),
     "loretta_t05": Method(decode_all(0.5, 0), branch=True),
     "control": Method((CONTROL,), branch=True),
+    "control_any": Method((CONTROL_ANY,), branch=True),
     # earlier selections, kept so their reports can be rerun (docs/demo-results): both links
     # at 0.5 (the first), at 0.25 (the second round's choice), and only the link that
     # generates images, at 0.5, which isolated that [<speech> S' <image> I] documents erode
