@@ -229,7 +229,15 @@ def test_every_demo_method_is_a_valid_config() -> None:
         name: [lk.gate for lk in load_config("svl_digits", list(m.overrides)).objective.links]
         for name, m in METHODS.items()
     }
-    for name in ("loretta", "control", "control_any", "loretta_faithful", "loretta_gate02"):
+    gated = ("loretta", "control", "control_any", "loretta_faithful", "loretta_gate02")
+    for name in (*gated, "loretta_log", "control_log"):
         assert gates[name] == [None, 0.2], name
+    # the sixth round's candidate differs from the shipped recipe in the loss alone
+    log = to_dict(load_config("svl_digits", list(METHODS["loretta_log"].overrides)))
+    shipped = to_dict(load_config("svl_digits", list(METHODS["loretta"].overrides)))
+    assert log["objective"].pop("loss_on_generated") and not shipped["objective"].pop(
+        "loss_on_generated"
+    )
+    assert log == shipped
     for name in ("loretta_ungated", "control_ungated", "loretta_image_t1", "loretta_p25"):
         assert gates[name] == [None, None], name

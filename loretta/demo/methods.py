@@ -10,6 +10,7 @@ CONTROL = "--objective.control=other_class"
 # the prompt from another sample of any class: uninformative where CONTROL is anti-informative
 # (added after the fifth round's report, as a diagnostic beside it; not used for any choice)
 CONTROL_ANY = "--objective.control=any_sample"
+LOSS_ON_GENERATED = "--objective.loss_on_generated=true"
 IMAGE_LINK_ONLY = "--objective.links=[{source: ls, prompt: text, generate: image, target: speech}]"
 
 
@@ -105,6 +106,10 @@ METHODS: dict[str, Method] = {
     "control_gate02": Method((*gate_image_link(0.2), CONTROL), branch=True),
     "loretta_gate03": Method(gate_image_link(0.3), branch=True),
     "control_gate03": Method((*gate_image_link(0.3), CONTROL), branch=True),
+    # the sixth round: the shipped recipe (gate 0.2) with the loss on the generated
+    # pseudo-modality's tokens too, as the authors' pseudocode applies it to every token
+    "loretta_log": Method((LOSS_ON_GENERATED,), branch=True),
+    "control_log": Method((LOSS_ON_GENERATED, CONTROL), branch=True),
     "ceiling": Method(("--objective.links=[]",), ceiling=True),
 }
 TRUNK = "commutative"
