@@ -123,8 +123,9 @@ def test_selection_on_validation_never_reads_test(svl: dict[str, Path], tmp_path
 
 
 def control_documents(tmp_path: Path, mode: str, label_key: str = "label") -> list[Any]:
-    """(dataset, sample, prompt arrays' donors, own arrays) of every generated block of 8 rows of
-    tiny_loretta written under control `mode`; checks the documents' tokens equal a plain run's."""
+    """(dataset, sample, donors) of every generated block of 8 rows of tiny_loretta written under
+    control `mode`, donors being the samples whose prompt modality equals the block's prompt;
+    checks the real targets and the documents' tokens equal a plain run's."""
     from loretta.config import load_config
     from loretta.data.loader import RowWriter, global_stream, open_sources
     from loretta.transitive import build

@@ -314,7 +314,8 @@ def generate(
             # check_for_mutation), so unmarked the compiled step ran without graphs. Unguarded:
             # a new cache (a new generate call) re-records the graphs instead of recompiling.
             for buf in (cache.k, cache.v, cache.doc_ids, cache.pos):
-                torch._dynamo.mark_static_address(buf, guard=False)
+                if buf is not None:  # pos: None unless the cache is static
+                    torch._dynamo.mark_static_address(buf, guard=False)
             step = _compiled_step(fwd)
     else:
         logits = fwd(ids, positions, doc)[:, -1]

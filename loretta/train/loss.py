@@ -190,10 +190,7 @@ def resolve_loss_impl(name: str, device: torch.device) -> str:
     when asked for ('cce': its gradients are approximate, see linear_cross_entropy); an
     unavailable explicit choice is an error."""
     if name == "auto":
-        for cand in ("liger",):
-            if impl_available(cand, device)[0]:
-                return cand
-        return "chunked"
+        return "liger" if impl_available("liger", device)[0] else "chunked"
     ok, why = impl_available(name, device)
     if not ok:
         raise ValueError(
