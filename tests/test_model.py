@@ -360,3 +360,22 @@ def test_flash_attn_4_matches_sdpa_on_cuda() -> None:
     m.set_backend("flash_attn_4", dev)
     out = m(ids, pos, doc).float()
     assert (out - ref).abs().max() / ref.abs().max() < 3e-2
+
+
+@pytest.mark.parametrize("tq", [1, 3, 24])
+def test_grouped_heads_without_copies_give_the_same_bits(tq: int) -> None:
+    """The masked sdpa path on the CPU takes grouped key/value heads as they are when no
+    gradient is needed (decoding), and copies them per query head otherwise: the same output,
+    bit for bit, at decode (tq = 1) and prefill shapes."""
+    from loretta.model.attention import AttnMeta, attention
+
+    g = torch.Generator().manual_seed(tq)
+    B, tk, H, hkv, hd = 5, 24, 8, 2, 16
+    q = torch.randn(B, tq, H, hd, generator=g)
+    k, v = torch.randn(B, tk, hkv, hd, generator=g), torch.randn(B, tk, hkv, hd, generator=g)
+    doc = torch.randint(0, 2, (B, tk), generator=g).sort(dim=1).values
+    meta = AttnMeta(doc_ids=doc[:, tk - tq :], k_doc_ids=doc, q_offset=tk - tq)
+    with torch.no_grad():
+        fast = attention(q, k, v, meta, "sdpa")
+    copied = attention(q.clone().requires_grad_(), k, v, meta, "sdpa")  # the copying path
+    assert torch.equal(fast, copied.detach())
