@@ -2,8 +2,8 @@
 # One prepared GPU session (H100/H200): the GPU-marked tests and the GPU figures, in one go.
 #   bash bench/gpu_check.sh
 # Python: .venv/bin/python when this checkout has one (after `pip install -e ".[dev]"`), else
-# python3 with the repo on PYTHONPATH; wheels in .whl/ (pure-Python deps such as deepspeed,
-# built elsewhere with `pip wheel`) are installed to /tmp/site first when present.
+# python3 with the repo on PYTHONPATH; wheels in .whl/ (what a bare CUDA image lacks, fetched
+# elsewhere by tools/gpu_wheels.sh) are installed to /tmp/site first, in one pip call, when present.
 # Writes its logs to ${OUT:-gpu-check}/ and prints a summary; exits non-zero if a step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."

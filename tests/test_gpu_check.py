@@ -15,8 +15,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_script_parses() -> None:
+def test_scripts_parse() -> None:
     subprocess.run(["bash", "-n", str(ROOT / "bench" / "gpu_check.sh")], check=True)
+    subprocess.run(["bash", "-n", str(ROOT / "tools" / "gpu_wheels.sh")], check=True)
 
 
 def test_summary_reads_the_logs(tmp_path: Path) -> None:

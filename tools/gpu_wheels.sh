@@ -5,7 +5,7 @@
 # (flash-attn-4's compiler) share the folder nvidia_cutlass_dsl/, and `pip install --target
 # --upgrade` run once per wheel keeps only the last wheel's part of it ("No module named
 # 'cutlass.cute'", seen on an H200).
-#   bash bench/gpu_wheels.sh [DEST]   # DEST: .whl by default; about 103 MB, 92 MB of it the
+#   bash tools/gpu_wheels.sh [DEST]   # DEST: .whl by default; about 103 MB, 92 MB of it the
 #                                     # CUDA 13 build of the CuTe DSL compiler
 set -euo pipefail
 cd "$(dirname "$0")/.."
