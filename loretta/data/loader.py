@@ -230,11 +230,12 @@ class RowWriter:
                 continue
             if mode == "any_sample" or self._label(ds, j) != own:
                 return np.array(ds.read(j, [name])[name])
-        need = "of another class" if mode == "other_class" else "other"
+        need, least = (
+            ("of another class", "classes") if mode == "other_class" else ("other", "samples")
+        )
         raise DataError(
             f"{ds.where(plan.sample)}: no {need} sample with {name!r} found for the negative "
-            f"control {mode!r}; the source needs "
-            + ("at least two classes" if mode == "other_class" else "at least two samples")
+            f"control {mode!r}; the source needs at least two {least}"
         )
 
     def empty(self, n_rows: int) -> dict[str, np.ndarray]:

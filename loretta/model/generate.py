@@ -247,7 +247,7 @@ def generate(
     fixed_steps: bool = False,
     forward: Callable[..., torch.Tensor] | None = None,
     check_every: int = 8,
-    static_cache: bool | None = None,
+    static_cache: bool = False,
     compile_step: bool = False,
     row_keys: list[int] | None = None,
     row_cfgs: list[SamplingConfig] | None = None,
@@ -260,7 +260,7 @@ def generate(
     `forward(ids, positions, doc_ids, cache=...)` replaces model(...) (e.g. to gather weights).
     Sampling runs on the model's device with a generator there (see device_generator); without
     fixed_steps, whether every row has stopped is checked every `check_every` tokens.
-    `static_cache` (default: as compile_step): a KVCache whose decode steps all have one shape
+    `static_cache` (always with compile_step): a KVCache whose decode steps all have one shape
     (see KVCache). `compile_step`: run decode steps through torch.compile(mode="reduce-overhead")
     (CUDA graphs on CUDA), over a static cache; `forward` must then be free of collectives
     (weights gathered once, not per layer group).
@@ -305,7 +305,7 @@ def generate(
     step = fwd
     if use_cache:
         dtype = model.tok_embeddings.weight.dtype
-        static = compile_step if static_cache is None else static_cache
+        static = compile_step or static_cache  # a compiled step needs one shape
         cache = KVCache.empty(model.cfg, N, P + cfg.max_new_tokens, device, dtype, static)
         logits = fwd(ids, positions, doc, cache=cache)[:, -1]  # prefill: eager
         if compile_step:
@@ -314,8 +314,7 @@ def generate(
             # check_for_mutation), so unmarked the compiled step ran without graphs. Unguarded:
             # a new cache (a new generate call) re-records the graphs instead of recompiling.
             for buf in (cache.k, cache.v, cache.doc_ids, cache.pos):
-                if buf is not None:  # pos: None unless the cache is static
-                    torch._dynamo.mark_static_address(buf, guard=False)
+                torch._dynamo.mark_static_address(buf, guard=False)
             step = _compiled_step(fwd)
     else:
         logits = fwd(ids, positions, doc)[:, -1]
