@@ -6,6 +6,10 @@ the gate, 3,459 s on the first development machine and 1,988 s on the EPYC (seed
 the monitor every 500 steps instead of 50); `--preset gpu` on one H100/H200: not yet run.
 
     python bench/demo.py [--seeds 1006,1007,1008] [--out runs/bench-demo] [--preset bench]
+                         [--jobs N]
+
+`--preset gpu` trains nine runs at a time on the one GPU (`--jobs`); on 2 CPU cores one run at a
+time uses both.
 
 Last line: JSON with, per missing-pair direction (`image_to_speech`, `speech_to_image`), each
 method's mean test accuracy (zero-shot retrieval), `diff_ci95_low`/`diff_ci95_high` (LoReTTa as
@@ -33,13 +37,23 @@ def main() -> None:
     ap.add_argument("--data", default="data/svl-digits")
     ap.add_argument("--steps", type=int, default=0)
     ap.add_argument("--nproc", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=0, help="training runs at a time (0: the preset's)")
     a, extra = ap.parse_known_args()
     t0 = time.time()
     preset = PRESETS[a.preset]
     seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else preset.seeds
     methods = a.methods.split(",") if a.methods else preset.methods
     m = run(
-        Path(a.out), a.preset, methods, seeds, a.steps or None, a.nproc, Path(a.data), extra, "test"
+        Path(a.out),
+        a.preset,
+        methods,
+        seeds,
+        a.steps or None,
+        a.nproc,
+        Path(a.data),
+        extra,
+        "test",
+        a.jobs,
     )
     print(f"report: {Path(a.out) / 'report' / 'summary.md'}")
     out = headline(m)

@@ -37,3 +37,18 @@ def test_callbacks_run_on_every_rank_and_their_metrics_are_logged(
     assert recs[0]["cb/step"] == 2.0 and recs[0]["cb/ranks"] == 2.0
     # step 4 is a log step: merged with the step's metrics
     assert recs[1]["cb/step"] == 4.0 and "tokens_per_s" in recs[1]
+
+
+def test_cpu_peak_is_measured_in_the_runs_precision() -> None:
+    """A bf16 run's MFU is against a bf16 GEMM (an fp32 peak gave 411% on a CPU with bf16 dot
+    products); a configured peak wins."""
+    import torch
+
+    from loretta.train.metrics import detect_peak_flops
+
+    cpu = torch.device("cpu")
+    p32, src32 = detect_peak_flops(cpu, 0.0, "fp32")
+    p16, src16 = detect_peak_flops(cpu, 0.0, "bf16")
+    assert src32 == "measured fp32 GEMM (this CPU)" and src16 == "measured bf16 GEMM (this CPU)"
+    assert p32 > 1e8 and p16 > 1e8
+    assert detect_peak_flops(cpu, 5e12, "bf16") == (5e12, "configured")

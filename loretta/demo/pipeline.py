@@ -2,14 +2,15 @@
 the pair that is never seen together.
 
     loretta-demo [--preset cpu] [--methods commutative,loretta,control] [--seeds 2000]
-                 [--split test] [--out runs/svl-demo]
+                 [--split test] [--out runs/svl-demo] [--jobs N]
 
 1. builds SVL-digits (cached): (vision, language) and (language, speech) training pairs, the
    (vision, speech) pairs used only by the ceiling, and aligned validation and test triples;
 2. trains each method with ZeRO-3 on this machine (2 CPU processes, or every GPU) on identical
    model and token budget. Methods whose data streams agree until transitive documents start
    (commutative, LoReTTa, the negative control) branch from one commutative checkpoint at that
-   step, a paired comparison at less compute;
+   step, a paired comparison at less compute. `--jobs N` trains N runs at a time (the GPU
+   preset: nine on one GPU), each branch once its trunk's checkpoint exists;
 3. evaluates one split (`--split val` for choices, `test` for the final report; nothing else is
    read): zero-shot retrieval in both directions of the missing pair against held-out items of
    that split, by-generation scoring with each method's own decoding, how much class information
@@ -54,6 +55,7 @@ from loretta.demo.report import (
 )
 from loretta.demo.scoring import MISSING, evaluate, load_eval_data, raw_probes
 from loretta.demo.svl_data import MODALITIES
+from loretta.launch import Job, run_jobs, torchrun_command, torchrun_env
 
 
 @dataclass
@@ -68,6 +70,7 @@ class Preset:
     methods: list[str]
     seeds: list[int]
     overrides: list[str] = field(default_factory=list)
+    jobs: int = 1  # training runs at a time (--jobs); on 2 CPU cores one run uses both
 
 
 CPU_DATA = {
@@ -145,6 +148,11 @@ PRESETS = {
         monitor_interval=100,
         methods=["gpt", "commutative", "loretta", "loretta_faithful", "control", "ceiling"],
         seeds=[1000, 1001, 1002],
+        # 18 runs of a 24M-parameter model: one at a time they leave an H100/H200 mostly idle
+        # (decoding pseudo-modalities is latency-bound). Nine at a time: the three trunks and
+        # six GPT / ceiling runs start together, and each branch once its trunk has written the
+        # transitive-start checkpoint and a slot is free. Not yet measured on a GPU
+        jobs=9,
     ),
 }
 
@@ -174,7 +182,7 @@ def branch_step(preset: Preset, steps: int, extra: list[str]) -> int:
     return int(cfg.objective.transitive_start * steps)
 
 
-def train(
+def training_job(
     method: str,
     seed: int,
     out: Path,
@@ -183,22 +191,24 @@ def train(
     steps: int,
     nproc: int,
     extra: list[str],
-) -> Path:
-    """Train (or find already trained) one method and seed; returns its checkpoints folder."""
-    from loretta.launch import torchrun_pretrain
-    from loretta.train.checkpoint import latest_complete, read_state, step_dir
+    log: bool,
+) -> Job | None:
+    """The job that trains one method and seed (None: already trained). A branch waits for the
+    trunk's job, or only until the trunk has written the checkpoint it starts from. With `log`,
+    the run's output goes to train.log in its run folder instead of the console."""
+    from loretta.train.checkpoint import is_complete, latest_complete, read_state, step_dir
 
     spec = METHODS[method]
-    run_dir = out / f"{method}-seed{seed}"
+    run_dir = out / job_name(method, seed)
     ckpts = run_dir / "checkpoints"
     done = latest_complete(ckpts)
     if done is not None and read_state(done).get("step") == steps:
         print(f"[loretta-demo] {method} seed {seed}: already trained ({done})", flush=True)
-        return ckpts
+        return None
     start = branch_step(preset, steps, extra)
     over = [
         f"--run.run_dir={run_dir}",
-        f"--run.name={method}-seed{seed}",
+        f"--run.name={job_name(method, seed)}",
         f"--run.seed={seed}",
         f"--run.steps={steps}",
         _sources(data, spec.ceiling),
@@ -210,16 +220,61 @@ def train(
     ]
     if method == TRUNK and 0 < start < steps:
         over.append(f"--checkpoint.interval={start}")  # the branches start from this one
+    after = None
+    trunk_ckpt = step_dir(out / job_name(TRUNK, seed) / "checkpoints", start)
     if spec.branch and 0 < start < steps and done is None:
-        trunk = out / f"{TRUNK}-seed{seed}" / "checkpoints"
-        over += [f"--checkpoint.resume={step_dir(trunk, start)}"]
+        over += [f"--checkpoint.resume={trunk_ckpt}"]
+        after = job_name(TRUNK, seed)
     else:
         over += ["--checkpoint.resume=auto"]
-    print(f"[loretta-demo] training {method} (seed {seed}, {steps} steps)", flush=True)
-    code = torchrun_pretrain(preset.recipe, over, nproc)
-    if code != 0:
-        raise RuntimeError(f"training {method} seed {seed} failed (exit {code}); see {run_dir}")
-    return ckpts
+    return Job(
+        name=job_name(method, seed),
+        command=lambda: torchrun_command(preset.recipe, over, nproc),
+        env=torchrun_env(),
+        log=run_dir / "train.log" if log else None,
+        after=after,
+        ready=lambda: is_complete(trunk_ckpt),
+    )
+
+
+def job_name(method: str, seed: int) -> str:
+    """A run's name, its folder in the output folder and its job's name."""
+    return f"{method}-seed{seed}"
+
+
+def train_all(
+    methods: list[str],
+    seeds: list[int],
+    out: Path,
+    data: dict[str, Path],
+    preset: Preset,
+    steps: int,
+    nproc: int,
+    extra: list[str],
+    jobs: int,
+) -> None:
+    """Train every method and seed (the trunk too when a branch needs it), `jobs` at a time:
+    trunks first, then the branches (each starts once its trunk's checkpoint exists), then the
+    runs that need no trunk (they fill the slots the branches cannot use yet), each by seed."""
+    need = set(methods)
+    if any(METHODS[m].branch for m in methods):
+        need.add(TRUNK)
+    group = {m: 0 if m == TRUNK else 1 if METHODS[m].branch else 2 for m in need}
+    batch = []
+    for m, seed in sorted(
+        ((m, s) for m in need for s in seeds), key=lambda x: (group[x[0]], x[1], x[0])
+    ):
+        job = training_job(m, seed, out, data, preset, steps, nproc, extra, log=jobs > 1)
+        if job is not None:
+            batch.append(job)
+    if batch:
+        print(
+            f"[loretta-demo] training {len(batch)} runs of {steps} steps, {jobs} at a time",
+            flush=True,
+        )
+    failed = run_jobs(batch, jobs, say=lambda s: print(f"[loretta-demo] {s}", flush=True))
+    if failed:
+        raise RuntimeError("training failed: " + "; ".join(failed))
 
 
 def monitor_overrides(preset: Preset, val: Path) -> list[str]:
@@ -250,6 +305,7 @@ def run(
     data_root: Path,
     extra: list[str],
     split: str = "test",
+    jobs: int = 0,
 ) -> dict[str, Any]:
     import torch
 
@@ -261,28 +317,24 @@ def run(
     preset = PRESETS[preset_name]
     steps = steps or preset.steps
     nproc = nproc or default_nproc()
+    jobs = jobs or preset.jobs
     data_root = data_dir_for(data_root, preset)
     print(f"[loretta-demo] SVL-digits data in {data_root} (built once, then cached)", flush=True)
     paths = build_svl_digits(data_root, svl_config(preset.data_preset, preset.data))
     data = dict(paths.datasets)
-    # branches need the trunk's checkpoint: train it first
-    order = sorted(methods, key=lambda m: (m != TRUNK, m))
-    needs_trunk = any(METHODS[m].branch for m in methods)
-    if needs_trunk and TRUNK not in methods:
-        order = [TRUNK, *order]
+    # evaluation reads only `split`, after every run has trained (several at a time with jobs)
     ev = load_eval_data(data, split, preset.gallery_per_class)
+    decoding = {m: method_decoding(m, preset, extra, data["val"]) for m in methods}
+    train_all(methods, seeds, out, data, preset, steps, nproc, extra, jobs)
     per_seed: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     runs: dict[str, Path] = {}
-    decoding = {m: method_decoding(m, preset, extra, data["val"]) for m in methods}
     layout = None
     for seed in seeds:
-        for m in order:
-            ckpt = train(m, seed, out, data, preset, steps, nproc, extra)
-            if m not in methods:
-                continue
+        for m in sorted(methods, key=lambda m: (m != TRUNK, m)):
+            ckpt = out / job_name(m, seed) / "checkpoints"
             print(f"[loretta-demo] evaluating {m} seed {seed} on {split}", flush=True)
             per_seed[m].append(evaluate(ckpt, data, ev, preset.seen_items, decoding[m]))
-            runs.setdefault(m, out / f"{m}-seed{seed}")
+            runs.setdefault(m, out / job_name(m, seed))
             if layout is None:
                 from loretta.train.checkpoint import latest_complete, read_layout
 
@@ -313,6 +365,7 @@ def run(
         "wall_s": time.time() - t0,
         "monitor_plot": has_monitor,
         "nproc": nproc,
+        "jobs": jobs,
         "data": str(data_root),
         "device": "GPU" if torch.cuda.is_available() else f"CPU x{nproc} processes",
         # the same seed gives other numbers on another processor or torch: say which this was
@@ -345,6 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default="runs/svl-demo")
     ap.add_argument("--data", default="data/svl-digits", help="where the dataset is cached")
     ap.add_argument("--nproc", type=int, default=0, help="0: 2 on a CPU, one per GPU")
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        help="training runs at a time, each with --nproc processes (0: the preset's); "
+        "on a GPU several small runs share the device",
+    )
     ap.add_argument(
         "--svl",
         action="append",
@@ -381,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(a.data),
         extra,
         a.split,
+        a.jobs,
     )
     report = Path(a.out) / "report"
     print(f"\n[loretta-demo] report: {report / 'summary.md'}")

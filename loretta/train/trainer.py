@@ -266,7 +266,7 @@ def run(
         return dry_run_step(cfg, eng, data, objective, rank)
 
     stats = LossStats(direction_names(p.layout), p.layout.names, eng.device)
-    peak, peak_src = detect_peak_flops(p.device, cfg.logging.peak_flops)
+    peak, peak_src = detect_peak_flops(p.device, cfg.logging.peak_flops, cfg.run.precision)
     flops_tok = cfg.model.flops_per_token(cfg.data.seq_len)
     logger = MetricsLogger(
         cfg.run.path,

@@ -1,0 +1,149 @@
+"""Several training runs at a time (loretta.launch.run_jobs), with real processes: the limit,
+the order a branch needs, an early start once the trunk's checkpoint exists, and failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from loretta.launch import Job, run_jobs
+
+# each job records when it ran; `touch` lets a dependent start before the job ends
+SCRIPT = """
+import json, sys, time
+out, name, secs, code, touch = sys.argv[1:6]
+t0 = time.time()
+if touch:
+    time.sleep(0.2)
+    open(touch, "w").close()
+time.sleep(float(secs))
+json.dump({"start": t0, "end": time.time()}, open(f"{out}/{name}.json", "w"))
+sys.exit(int(code))
+"""
+
+
+def job(
+    tmp: Path, name: str, secs: float = 0.3, code: int = 0, touch: str = "", **kw: object
+) -> Job:
+    argv = [sys.executable, "-c", SCRIPT, str(tmp), name, str(secs), str(code), touch]
+    return Job(name=name, command=lambda: argv, env=dict(os.environ), **kw)  # type: ignore[arg-type]
+
+
+def spans(tmp: Path) -> dict[str, tuple[float, float]]:
+    out = {}
+    for p in tmp.glob("*.json"):
+        d = json.loads(p.read_text())
+        out[p.stem] = (d["start"], d["end"])
+    return out
+
+
+def most_at_once(s: dict[str, tuple[float, float]]) -> int:
+    return max(sum(a <= t < b for a, b in s.values()) for t, _ in s.values())
+
+
+def test_at_most_parallel_and_after_waits(tmp_path: Path) -> None:
+    jobs = [job(tmp_path, n) for n in "abcd"] + [job(tmp_path, "e", after="a")]
+    assert run_jobs(jobs, parallel=2, say=lambda s: None) == []
+    s = spans(tmp_path)
+    assert sorted(s) == list("abcde")
+    assert most_at_once(s) == 2  # the limit is reached and never passed
+    assert s["e"][0] >= s["a"][1]
+
+
+def test_one_at_a_time_runs_in_list_order(tmp_path: Path) -> None:
+    jobs = [job(tmp_path, n, secs=0.05) for n in "cab"]
+    assert run_jobs(jobs, parallel=1, say=lambda s: None) == []
+    s = spans(tmp_path)
+    assert sorted(s, key=lambda n: s[n][0]) == list("cab") and most_at_once(s) == 1
+
+
+def test_ready_lets_a_branch_start_before_its_trunk_ends(tmp_path: Path) -> None:
+    mark = tmp_path / "checkpoint"
+    trunk = job(tmp_path, "trunk", secs=1.5, touch=str(mark))
+    branch = job(tmp_path, "branch", secs=0.1, after="trunk", ready=mark.exists)
+    assert run_jobs([trunk, branch], parallel=2, say=lambda s: None) == []
+    s = spans(tmp_path)
+    assert s["trunk"][0] < s["branch"][0] < s["trunk"][1]
+    # with one slot it still waits for the trunk
+    for p in tmp_path.glob("*"):
+        p.unlink()
+    assert run_jobs([trunk, branch], parallel=1, say=lambda s: None) == []
+    s = spans(tmp_path)
+    assert s["branch"][0] >= s["trunk"][1]
+
+
+def test_a_failure_stops_new_starts_and_its_dependents(tmp_path: Path) -> None:
+    log = tmp_path / "logs" / "bad.log"
+    jobs = [
+        job(tmp_path, "bad", secs=0.1, code=3, log=log),
+        job(tmp_path, "slow", secs=1.0),  # running when "bad" fails: it finishes
+        job(tmp_path, "child", after="bad"),
+        job(tmp_path, "later"),
+    ]
+    said: list[str] = []
+    failed = run_jobs(jobs, parallel=2, say=said.append)
+    assert failed == [
+        f"bad: exit 3 (log: {log})",
+        "child: not started: bad failed",
+        "later: not started: an earlier job failed",
+    ]
+    assert sorted(spans(tmp_path)) == ["bad", "slow"]
+    assert any(s.startswith("bad: FAILED, exit 3") for s in said)
+
+
+def test_bad_batches_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="not in the batch"):
+        run_jobs([job(tmp_path, "a", after="x")], parallel=1)
+    with pytest.raises(ValueError, match="repeat"):
+        run_jobs([job(tmp_path, "a"), job(tmp_path, "a")], parallel=1)
+    with pytest.raises(ValueError, match="wait for each other"):
+        run_jobs([job(tmp_path, "a", after="b"), job(tmp_path, "b", after="a")], parallel=2)
+    with pytest.raises(ValueError, match="at least 1"):
+        run_jobs([job(tmp_path, "a")], parallel=0)
+
+
+def test_demo_runs_several_at_a_time_with_the_same_results(tmp_path: Path) -> None:
+    """The demo (smoke preset) trained one run at a time and three at a time, each run with one
+    process: every scored item is the same, and the branches started from the trunk's
+    transitive-start checkpoint (when, relative to the trunk's end, is up to the machine: the
+    early start itself is tested above)."""
+    import subprocess
+
+    from helpers import BIN, REPO, base_env
+
+    def demo(jobs: int) -> dict[str, object]:
+        out = tmp_path / f"jobs{jobs}"
+        cmd = [
+            str(BIN / "loretta-demo"),
+            "--preset=smoke",
+            f"--out={out}",
+            f"--data={tmp_path / 'data'}",
+            "--methods=commutative,loretta,control",
+            "--nproc=1",
+            f"--jobs={jobs}",
+            "--logging.wandb=disabled",
+        ]
+        res = subprocess.run(
+            cmd, env=base_env(), capture_output=True, text=True, timeout=600, cwd=REPO
+        )
+        assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+        assert f"3 runs of 6 steps, {jobs} at a time" in res.stdout
+        metrics = json.loads((out / "report" / "metrics.json").read_text())
+        assert metrics["meta"]["jobs"] == jobs
+        return dict(metrics["per_seed"])
+
+    one, three = demo(1), demo(3)
+    assert one == three
+    out = tmp_path / "jobs3"
+    assert (out / "loretta-seed0" / "train.log").stat().st_size > 0  # each run's own log
+    for branch in ("loretta", "control"):
+        rows = [
+            json.loads(x)
+            for x in (out / f"{branch}-seed0" / "metrics.jsonl").read_text().splitlines()
+        ]
+        start = next(r for r in rows if r.get("event") == "start")
+        assert start["resumed_from"].endswith("commutative-seed0/checkpoints/step_00000003")
