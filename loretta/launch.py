@@ -143,7 +143,12 @@ def run_jobs(
                 if j.log is not None:
                     j.log.parent.mkdir(parents=True, exist_ok=True)
                     fh = open(j.log, "ab")  # appends: a resumed job keeps its first attempt's log
-                proc = subprocess.Popen(j.command(), env=j.env, stdout=fh, stderr=fh)
+                try:
+                    proc = subprocess.Popen(j.command(), env=j.env, stdout=fh, stderr=fh)
+                except BaseException:
+                    if fh is not None:
+                        fh.close()
+                    raise
                 running[j.name] = (proc, fh, time.time(), j)
                 say(f"{j.name}: started" + (f" (log: {j.log})" if j.log else ""))
             if waiting and not running:  # only a cycle of `after`s leaves nothing to run
