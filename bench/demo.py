@@ -13,8 +13,10 @@ time uses both.
 
 Last line: JSON with, per missing-pair direction (`image_to_speech`, `speech_to_image`), each
 method's mean test accuracy (zero-shot retrieval), `diff_ci95_low`/`diff_ci95_high` (LoReTTa as
-selected minus commutative, paired bootstrap over seeds x items), `control_acc`, `ceiling_acc`;
-and `chance`, `chance_band`, `selection_split`, `seeds`, `wall_s`.
+selected minus commutative, paired bootstrap over seeds x items), `vs_control` with
+`vs_control_ci95_low`/`vs_control_ci95_high` (LoReTTa minus the negative control: the part of
+the gain linking explains), `control_acc`, `control_in_band`, `ceiling_acc`; and `chance`,
+`chance_band`, `selection_split`, `seeds`, `wall_s`.
 """
 
 from __future__ import annotations

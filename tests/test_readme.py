@@ -73,6 +73,7 @@ def test_demo_command_runs_scaled_down(tmp_path: Path) -> None:
     summary = (report / "summary.md").read_text()
     assert "| image → speech |" in summary and "(1 seed)" in summary and "± 0.000" not in summary
     assert "raw[image+speech]" in summary
+    assert "`loretta` − `control`" in summary and "loretta - control" in res.stdout
     # the LoReTTa run trained transitive documents: its losses include generated-to-real directions
     rows = [
         json.loads(x) for x in (out / "loretta-seed0" / "metrics.jsonl").read_text().splitlines()

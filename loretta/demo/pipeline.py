@@ -455,6 +455,11 @@ def main(argv: list[str] | None = None) -> int:
             if "diff" in d
             else ""
         )
+        if "vs_control" in d:
+            ci += (
+                f"; loretta - control {d['vs_control']:+.3f} [{d['vs_control_ci95_low']:+.3f}, "
+                f"{d['vs_control_ci95_high']:+.3f}]"
+            )
         print(f"[loretta-demo] {a_} -> {b_} (missing pair, {h['split']}): {line}{ci}")
     return 0
 
