@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -115,7 +116,7 @@ def test_demo_runs_several_at_a_time_with_the_same_results(tmp_path: Path) -> No
 
     from helpers import BIN, REPO, base_env
 
-    def demo(jobs: int) -> dict[str, object]:
+    def demo(jobs: int, runs: int = 3) -> dict[str, object]:
         out = tmp_path / f"jobs{jobs}"
         cmd = [
             str(BIN / "loretta-demo"),
@@ -131,13 +132,16 @@ def test_demo_runs_several_at_a_time_with_the_same_results(tmp_path: Path) -> No
             cmd, env=base_env(), capture_output=True, text=True, timeout=600, cwd=REPO
         )
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-        assert f"3 runs of 6 steps, {jobs} at a time" in res.stdout
+        assert f"{runs} runs of 6 steps, {jobs} at a time" in res.stdout
         metrics = json.loads((out / "report" / "metrics.json").read_text())
         assert metrics["meta"]["jobs"] == jobs
         return dict(metrics["per_seed"])
 
     one, three = demo(1), demo(3)
     assert one == three
+    # a branch trained again on a trunk trained earlier (a method added later, a crashed run)
+    shutil.rmtree(tmp_path / "jobs3" / "control-seed0")
+    assert demo(3, runs=1) == one
     out = tmp_path / "jobs3"
     assert (out / "loretta-seed0" / "train.log").stat().st_size > 0  # each run's own log
     for branch in ("loretta", "control"):

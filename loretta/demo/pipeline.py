@@ -267,6 +267,9 @@ def train_all(
         job = training_job(m, seed, out, data, preset, steps, nproc, extra, log=jobs > 1)
         if job is not None:
             batch.append(job)
+    for job in batch:  # a branch of a trunk trained earlier waits for nothing
+        if job.after is not None and job.after not in {j.name for j in batch}:
+            job.after = None
     if batch:
         print(
             f"[loretta-demo] training {len(batch)} runs of {steps} steps, {jobs} at a time",
