@@ -26,7 +26,7 @@ import json
 import time
 from pathlib import Path
 
-from loretta.demo.pipeline import PRESETS, run
+from loretta.demo.pipeline import PRESETS, methods_and_seeds, run
 from loretta.demo.report import headline
 
 
@@ -42,9 +42,10 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=0, help="training runs at a time (0: the preset's)")
     a, extra = ap.parse_known_args()
     t0 = time.time()
-    preset = PRESETS[a.preset]
-    seeds = [int(s) for s in a.seeds.split(",")] if a.seeds else preset.seeds
-    methods = a.methods.split(",") if a.methods else preset.methods
+    try:
+        methods, seeds = methods_and_seeds(PRESETS[a.preset], a.methods, a.seeds)
+    except ValueError as e:
+        ap.error(str(e))
     m = run(
         Path(a.out),
         a.preset,

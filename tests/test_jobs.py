@@ -151,3 +151,15 @@ def test_demo_runs_several_at_a_time_with_the_same_results(tmp_path: Path) -> No
         ]
         start = next(r for r in rows if r.get("event") == "start")
         assert start["resumed_from"].endswith("commutative-seed0/checkpoints/step_00000003")
+
+
+def test_methods_and_seeds_default_to_the_preset_and_refuse_unknown_methods() -> None:
+    """loretta-demo and bench/demo.py resolve --methods/--seeds alike; a typo is refused with the
+    choices before anything trains (bench/demo.py used to fail later with a KeyError)."""
+    from loretta.demo.pipeline import PRESETS, methods_and_seeds
+
+    cpu = PRESETS["cpu"]
+    assert methods_and_seeds(cpu, "", "") == (cpu.methods, cpu.seeds)
+    assert methods_and_seeds(cpu, "loretta,control", "7,8") == (["loretta", "control"], [7, 8])
+    with pytest.raises(ValueError, match=r"--methods: unknown \['lorreta'\]; choose from"):
+        methods_and_seeds(cpu, "commutative,lorreta", "")

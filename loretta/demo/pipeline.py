@@ -38,6 +38,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -196,15 +197,14 @@ def training_job(
     """The job that trains one method and seed (None: already trained). A branch waits for the
     trunk's job, or only until the trunk has written the checkpoint it starts from. With `log`,
     the run's output goes to train.log in its run folder instead of the console."""
-    from loretta.train.checkpoint import is_complete, latest_complete, read_state, step_dir
+    from loretta.train.checkpoint import is_complete, latest_complete, step_dir
 
     spec = METHODS[method]
     run_dir = out / job_name(method, seed)
-    ckpts = run_dir / "checkpoints"
-    done = latest_complete(ckpts)
-    if done is not None and read_state(done).get("step") == steps:
+    if (done := trained(run_dir, steps)) is not None:
         print(f"[loretta-demo] {method} seed {seed}: already trained ({done})", flush=True)
         return None
+    resuming = latest_complete(run_dir / "checkpoints") is not None
     start = branch_step(preset, steps, extra)
     over = [
         f"--run.run_dir={run_dir}",
@@ -220,11 +220,14 @@ def training_job(
     ]
     if method == TRUNK and 0 < start < steps:
         over.append(f"--checkpoint.interval={start}")  # the branches start from this one
-    after = None
-    trunk_ckpt = step_dir(out / job_name(TRUNK, seed) / "checkpoints", start)
-    if spec.branch and 0 < start < steps and done is None:
+    after, ready = None, None
+    if spec.branch and 0 < start < steps and not resuming:
+        trunk = out / job_name(TRUNK, seed)
+        trunk_ckpt = step_dir(trunk / "checkpoints", start)
         over += [f"--checkpoint.resume={trunk_ckpt}"]
-        after = job_name(TRUNK, seed)
+        if trained(trunk, steps) is None:  # else a trunk trained earlier: nothing to wait for
+            after = job_name(TRUNK, seed)
+            ready = partial(is_complete, trunk_ckpt)
     else:
         over += ["--checkpoint.resume=auto"]
     return Job(
@@ -233,8 +236,16 @@ def training_job(
         env=torchrun_env(),
         log=run_dir / "train.log" if log else None,
         after=after,
-        ready=lambda: is_complete(trunk_ckpt),
+        ready=ready,
     )
+
+
+def trained(run_dir: Path, steps: int) -> Path | None:
+    """The run's final checkpoint when it has trained all `steps`, else None."""
+    from loretta.train.checkpoint import latest_complete, read_state
+
+    done = latest_complete(run_dir / "checkpoints")
+    return done if done is not None and read_state(done).get("step") == steps else None
 
 
 def job_name(method: str, seed: int) -> str:
@@ -267,9 +278,6 @@ def train_all(
         job = training_job(m, seed, out, data, preset, steps, nproc, extra, log=jobs > 1)
         if job is not None:
             batch.append(job)
-    for job in batch:  # a branch of a trunk trained earlier waits for nothing
-        if job.after is not None and job.after not in {j.name for j in batch}:
-            job.after = None
     if batch:
         print(
             f"[loretta-demo] training {len(batch)} runs of {steps} steps, {jobs} at a time",
@@ -417,6 +425,15 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def methods_and_seeds(preset: Preset, methods: str, seeds: str) -> tuple[list[str], list[int]]:
+    """--methods and --seeds (comma-separated; empty: the preset's), unknown methods refused."""
+    ms = [m for m in methods.split(",") if m] or list(preset.methods)
+    bad = [m for m in ms if m not in METHODS]
+    if bad:
+        raise ValueError(f"--methods: unknown {bad}; choose from {list(METHODS)}")
+    return ms, [int(x) for x in seeds.split(",") if x] or list(preset.seeds)
+
+
 def main(argv: list[str] | None = None) -> int:
     a, extra = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
     preset = PRESETS[a.preset]
@@ -425,15 +442,11 @@ def main(argv: list[str] | None = None) -> int:
         import yaml
 
         preset.data[key] = yaml.safe_load(value)
-    methods = [m for m in (a.methods or ",".join(preset.methods)).split(",") if m]
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        print(
-            f"loretta-demo: error: --methods: unknown {bad}; choose from {list(METHODS)}",
-            file=sys.stderr,
-        )
+    try:
+        methods, seeds = methods_and_seeds(preset, a.methods, a.seeds)
+    except ValueError as e:
+        print(f"loretta-demo: error: {e}", file=sys.stderr)
         return 2
-    seeds = [int(s) for s in (a.seeds or ",".join(map(str, preset.seeds))).split(",")]
     metrics = run(
         Path(a.out),
         a.preset,
@@ -452,17 +465,12 @@ def main(argv: list[str] | None = None) -> int:
     for a_, b_ in MISSING:
         d = h[direction_key(a_, b_)]
         line = ", ".join(f"{m} {d[m]:.3f}" for m in methods)
-        ci = (
-            f"; loretta - commutative {d['diff']:+.3f} [{d['diff_ci95_low']:+.3f}, "
-            f"{d['diff_ci95_high']:+.3f}]"
-            if "diff" in d
-            else ""
+        ci = "".join(
+            f"; loretta - {base} {d[k]:+.3f} [{d[k + '_ci95_low']:+.3f}, "
+            f"{d[k + '_ci95_high']:+.3f}]"
+            for k, base in (("diff", "commutative"), ("vs_control", "control"))
+            if k in d
         )
-        if "vs_control" in d:
-            ci += (
-                f"; loretta - control {d['vs_control']:+.3f} [{d['vs_control_ci95_low']:+.3f}, "
-                f"{d['vs_control_ci95_high']:+.3f}]"
-            )
         print(f"[loretta-demo] {a_} -> {b_} (missing pair, {h['split']}): {line}{ci}")
     return 0
 

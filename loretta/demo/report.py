@@ -32,22 +32,33 @@ def summarise(
         }
     if TRUNK in per_seed:
         for m in per_seed:
-            if m == TRUNK:
-                continue
-            for key in per_seed[m][0]["items"]:
-                a = [np.asarray(r["items"][key]) for r in per_seed[m]]
-                b = [np.asarray(r["items"][key]) for r in per_seed[TRUNK]]
-                d, lo, hi = paired_bootstrap(a, b, seed=0)
-                out["diff"].setdefault(m, {})[key] = {"mean": d, "ci95": [lo, hi]}
+            if m != TRUNK:
+                out["diff"][m] = paired_diff(per_seed[m], per_seed[TRUNK])
     # LoReTTa - its control: the gain that linking explains. When the control gains over
     # commutative too (documents of the same shape teach something), only this part is linking
     if "loretta" in per_seed and "control" in per_seed:
-        for key in per_seed["loretta"][0]["items"]:
-            a = [np.asarray(r["items"][key]) for r in per_seed["loretta"]]
-            b = [np.asarray(r["items"][key]) for r in per_seed["control"]]
-            d, lo, hi = paired_bootstrap(a, b, seed=0)
-            out.setdefault("vs_control", {})[key] = {"mean": d, "ci95": [lo, hi]}
+        out["vs_control"] = paired_diff(per_seed["loretta"], per_seed["control"])
     return out
+
+
+def paired_diff(a: list[dict[str, Any]], b: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per score: the mean of a - b over the same seeds and items, with its 95% bootstrap
+    interval over seeds x items."""
+    out = {}
+    for key in a[0]["items"]:
+        d, lo, hi = paired_bootstrap(
+            [np.asarray(r["items"][key]) for r in a],
+            [np.asarray(r["items"][key]) for r in b],
+            seed=0,
+        )
+        out[key] = {"mean": d, "ci95": [lo, hi]}
+    return out
+
+
+def ci_cells(v: dict[str, Any]) -> str:
+    """'difference | [low, high]' for a report table, marked when the interval is above 0."""
+    verdict = " **> 0**" if v["ci95"][0] > 0 else ""
+    return f"{v['mean']:+.3f} | [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]{verdict}"
 
 
 def direction_key(src: str, dst: str) -> str:
@@ -103,13 +114,9 @@ def write_report(report: Path, s: dict[str, Any], meta: dict[str, Any]) -> None:
             "| method | score | difference | 95% CI |",
             "|---|---|---|---|",
         ]
-        for m, by in s["diff"].items():
-            for k, v in by.items():
-                verdict = " **> 0**" if v["ci95"][0] > 0 else ""
-                lines.append(
-                    f"| {m} | {k} | {v['mean']:+.3f} | [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]"
-                    f"{verdict} |"
-                )
+        lines += [
+            f"| {m} | {k} | {ci_cells(v)} |" for m, by in s["diff"].items() for k, v in by.items()
+        ]
         lines.append("")
     if s.get("vs_control"):
         lines += [
@@ -120,11 +127,7 @@ def write_report(report: Path, s: dict[str, Any], meta: dict[str, Any]) -> None:
             "| score | difference | 95% CI |",
             "|---|---|---|",
         ]
-        for k, v in s["vs_control"].items():
-            verdict = " **> 0**" if v["ci95"][0] > 0 else ""
-            lines.append(
-                f"| {k} | {v['mean']:+.3f} | [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]{verdict} |"
-            )
+        lines += [f"| {k} | {ci_cells(v)} |" for k, v in s["vs_control"].items()]
         lines.append("")
     lines += [
         "## What the transitive documents are built from",
@@ -295,18 +298,20 @@ def headline(metrics: dict[str, Any]) -> dict[str, Any]:
     for a, b in MISSING:
         key = f"retrieval/{a}->{b}"
         d: dict[str, Any] = {m: round(v[key]["mean"], 4) for m, v in s["methods"].items()}
-        diff = s["diff"].get("loretta", {}).get(key)
-        if diff is not None:
-            d["diff"] = round(diff["mean"], 4)
-            d["diff_ci95_low"], d["diff_ci95_high"] = (round(x, 4) for x in diff["ci95"])
+        # LoReTTa - commutative (`diff`) and LoReTTa - control (`vs_control`), paired
+        for name, by in (
+            ("diff", s["diff"].get("loretta", {})),
+            ("vs_control", s.get("vs_control", {})),
+        ):
+            if key in by:
+                d[name] = round(by[key]["mean"], 4)
+                d[f"{name}_ci95_low"], d[f"{name}_ci95_high"] = (
+                    round(x, 4) for x in by[key]["ci95"]
+                )
         if "control" in s["methods"]:
             d["control_acc"] = d["control"]
             lo, hi = s["chance_band"]
             d["control_in_band"] = bool(lo <= d["control"] <= hi)
-        vc = s.get("vs_control", {}).get(key)
-        if vc is not None:  # LoReTTa - control, paired
-            d["vs_control"] = round(vc["mean"], 4)
-            d["vs_control_ci95_low"], d["vs_control_ci95_high"] = (round(x, 4) for x in vc["ci95"])
         if "ceiling" in s["methods"]:
             d["ceiling_acc"] = d["ceiling"]
         gen = {m: round(v[f"generation/{a}->{b}"]["mean"], 4) for m, v in s["methods"].items()}
