@@ -26,7 +26,7 @@ import json
 import time
 from pathlib import Path
 
-from loretta.demo.pipeline import PRESETS, methods_and_seeds, run
+from loretta.demo.pipeline import PRESETS, check_overrides, methods_and_seeds, run
 from loretta.demo.report import headline
 
 
@@ -43,7 +43,9 @@ def main() -> None:
     a, extra = ap.parse_known_args()
     t0 = time.time()
     try:
-        methods, seeds = methods_and_seeds(PRESETS[a.preset], a.methods, a.seeds)
+        preset = PRESETS[a.preset]
+        methods, seeds = methods_and_seeds(preset, a.methods, a.seeds)
+        check_overrides(preset, methods, a.steps or preset.steps, extra)
     except ValueError as e:
         ap.error(str(e))
     m = run(

@@ -163,3 +163,23 @@ def test_methods_and_seeds_default_to_the_preset_and_refuse_unknown_methods() ->
     assert methods_and_seeds(cpu, "loretta,control", "7,8") == (["loretta", "control"], [7, 8])
     with pytest.raises(ValueError, match=r"--methods: unknown \['lorreta'\]; choose from"):
         methods_and_seeds(cpu, "commutative,lorreta", "")
+
+
+def test_bad_recipe_overrides_are_refused_before_the_data_is_built(tmp_path: Path) -> None:
+    """`loretta-demo --model.dimm=3` used to build the data and then die with a traceback: now
+    every preset's own runs pass the check, and a typo exits 2 naming the field and the fix
+    before anything is written."""
+    from loretta.demo.pipeline import PRESETS, check_overrides, main
+
+    for preset in PRESETS.values():  # the shipped presets are valid as they are
+        check_overrides(preset, preset.methods, preset.steps, [])
+    smoke = PRESETS["smoke"]
+    check_overrides(smoke, ["loretta"], 6, ["--model.dim=32"])
+    with pytest.raises(ValueError, match=r"model\.dimm: unknown field; did you mean model\.dim"):
+        check_overrides(smoke, ["loretta"], 6, ["--model.dimm=32"])
+    with pytest.raises(ValueError, match=r"override '--sede': expected --section\.field=value"):
+        check_overrides(smoke, ["commutative"], 6, ["--sede", "3"])
+    data = tmp_path / "data"
+    argv = ["--preset", "smoke", "--out", str(tmp_path / "out"), "--data", str(data)]
+    assert main([*argv, "--model.dimm=3"]) == 2
+    assert not data.exists() and not (tmp_path / "out").exists()

@@ -2,7 +2,9 @@
 the pair that is never seen together.
 
     loretta-demo [--preset cpu] [--methods commutative,loretta,control] [--seeds 2000]
-                 [--split test] [--out runs/svl-demo] [--jobs N]
+                 [--split test] [--out runs/svl-demo] [--jobs N] [--section.field=value ...]
+
+Any other `--section.field=value` overrides the recipe of every run, e.g. `--model.dim=128`.
 
 1. builds SVL-digits (cached): (vision, language) and (language, speech) training pairs, the
    (vision, speech) pairs used only by the ceiling, and aligned validation and test triples;
@@ -434,6 +436,24 @@ def methods_and_seeds(preset: Preset, methods: str, seeds: str) -> tuple[list[st
     return ms, [int(x) for x in seeds.split(",") if x] or list(preset.seeds)
 
 
+def check_overrides(preset: Preset, methods: list[str], steps: int, extra: list[str]) -> None:
+    """Refuse bad recipe overrides (`--model.dimm=3`) before the data is built or a run starts:
+    each run's config as training_job will load it, the validation split named by a placeholder
+    (its path is only known once the data is built). ValueError names the method and field."""
+    from loretta.config import load_config
+    from loretta.errors import ConfigError
+
+    base = [f"--run.steps={steps}", *monitor_overrides(preset, Path("validation-split"))]
+    need = set(methods) | ({TRUNK} if any(METHODS[m].branch for m in methods) else set())
+    # the overrides alone first, so that a typo is not reported as one method's problem
+    for m in [None, *sorted(need)]:
+        own = METHODS[m].overrides if m else []
+        try:
+            load_config(preset.recipe, [*base, *preset.overrides, *own, *extra])
+        except ConfigError as e:
+            raise ValueError(f"method {m}: {e}" if m else str(e)) from e
+
+
 def main(argv: list[str] | None = None) -> int:
     a, extra = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
     preset = PRESETS[a.preset]
@@ -444,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         preset.data[key] = yaml.safe_load(value)
     try:
         methods, seeds = methods_and_seeds(preset, a.methods, a.seeds)
+        check_overrides(preset, methods, a.steps or preset.steps, extra)
     except ValueError as e:
         print(f"loretta-demo: error: {e}", file=sys.stderr)
         return 2
