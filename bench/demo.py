@@ -16,7 +16,10 @@ method's mean test accuracy (zero-shot retrieval), `diff_ci95_low`/`diff_ci95_hi
 selected minus commutative, paired bootstrap over seeds x items), `vs_control` with
 `vs_control_ci95_low`/`vs_control_ci95_high` (LoReTTa minus the negative control: the part of
 the gain linking explains), `control_acc`, `control_in_band`, `ceiling_acc`; and `chance`,
-`chance_band`, `selection_split`, `seeds`, `wall_s`.
+`chance_band`, `selection_split`, `seeds`, `wall_s`, with `data_s`, `train_s`, `eval_s` (where
+the time went) and `projected_full_wall_s`: with `--steps` below the preset's, the wall time of
+the full preset if training time grows in proportion to the steps (null otherwise). A probe of
+the GPU preset in minutes is `STEPS=demo_gpu_probe bash bench/gpu_check.sh` (on validation).
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ def main() -> None:
     print(f"report: {Path(a.out) / 'report' / 'summary.md'}")
     out = headline(m)
     out["wall_s"] = round(time.time() - t0, 1)
+    out.update({k: m["meta"][k] for k in ("data_s", "train_s", "eval_s", "projected_full_wall_s")})
     print(json.dumps(out))
 
 

@@ -106,6 +106,24 @@ step demo_smoke $py -m loretta.demo.pipeline --preset smoke --out "$demo" \
 for f in summary.md metrics.json; do [[ -f $demo/report/$f ]] && cp "$demo/report/$f" "$out/demo_$f"; done
 [[ -f $demo/loretta-seed0/metrics.jsonl ]] && grep -m1 '"event": "start"' "$demo/loretta-seed0/metrics.jsonl"
 
+# a probe of the GPU preset in minutes (only when asked: STEPS=demo_gpu_probe): its 18 runs at
+# ${STEPS_PROBE:-200} of 3,000 steps, nine at a time, on validation, with the image link ungated
+# in LoReTTa and its control (a short run never opens the gate; the faithful variant keeps it),
+# then every run scored as the preset scores it. The report's meta splits data, training and
+# evaluation time and projects the full preset's wall time (training in proportion to steps):
+# does the preset fit its hour on this card?
+if [[ " $steps " == *" demo_gpu_probe "* ]]; then
+  probe=/tmp/gpu-demo-probe
+  rm -rf "$probe"
+  step demo_gpu_probe $py -m loretta.demo.pipeline --preset gpu --split val \
+    --steps "${STEPS_PROBE:-200}" --out "$probe" --data "${SVL_DATA:-data/svl-digits}" \
+    --methods gpt,commutative,loretta_ungated,loretta_faithful,control_ungated,ceiling \
+    --optim.warmup_steps=20 --logging.wandb=disabled
+  for f in summary.md metrics.json; do
+    [[ -f $probe/report/$f ]] && cp "$probe/report/$f" "$out/demo_gpu_probe_$f"
+  done
+fi
+
 # the demo's GPU preset: every method and control over three fresh seeds on the test split
 # (about an hour of one H100/H200, so only when asked: STEPS=demo_gpu bash bench/gpu_check.sh)
 if [[ " $steps " == *" demo_gpu "* ]]; then

@@ -10,6 +10,9 @@
     gen_share_compiled        the same with compiled decode steps
     gen_tokens_per_s          {"before": host sampling, "after": on-device sampling,
                               "naive": hook-driven uncached, "compiled": compiled decode steps}
+    demo_gpu_probe            the GPU preset at a few hundred steps (STEPS=demo_gpu_probe):
+                              data/training/evaluation seconds and projected_full_wall_s, the
+                              full preset's wall time with training scaled by the steps
     card                      the GPU's name (nvidia-smi)
 
 MFU = tokens/s per GPU x (6N + 12·L·d·S) / peak (ANCHORS.md; N without the input embedding;
@@ -78,8 +81,18 @@ def summary(out: Path) -> dict[str, Any]:
             "naive": gen.get("naive_tokens_per_s"),
             "compiled": gen.get("compiled_tokens_per_s"),
         },
+        "demo_gpu_probe": _probe(out / "demo_gpu_probe_metrics.json"),
         "card": card,
     }
+
+
+def _probe(path: Path) -> dict[str, Any] | None:
+    """The GPU preset's probe (STEPS=demo_gpu_probe): its time split and projection."""
+    if not path.exists():
+        return None
+    meta = json.loads(path.read_text())["meta"]
+    keys = ("steps", "preset_steps", "jobs", "data_s", "train_s", "eval_s", "wall_s")
+    return {k: meta.get(k) for k in (*keys, "projected_full_wall_s")}
 
 
 def main() -> None:

@@ -41,6 +41,9 @@ def test_summary_reads_the_logs(tmp_path: Path) -> None:
     )
     gen = {"generation_share": 0.3, "ours_tokens_per_s": 9000.0, "host_tokens_per_s": 2000.0}
     (tmp_path / "transitive_generation_cuda.txt").write_text("log\n" + json.dumps(gen) + "\n")
+    meta = {"steps": 200, "preset_steps": 3000, "jobs": 9, "data_s": 5.0, "train_s": 120.0}
+    meta |= {"eval_s": 60.0, "wall_s": 185.0, "projected_full_wall_s": 1865.0}
+    (tmp_path / "demo_gpu_probe_metrics.json").write_text(json.dumps({"meta": meta}))
     r = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "gpu_summary.py"), str(tmp_path)],
         capture_output=True,
@@ -48,6 +51,8 @@ def test_summary_reads_the_logs(tmp_path: Path) -> None:
         check=True,
     )
     s = json.loads(r.stdout.strip().splitlines()[-1])
+    assert s["demo_gpu_probe"]["projected_full_wall_s"] == 1865.0
+    assert s["demo_gpu_probe"]["train_s"] == 120.0 and s["demo_gpu_probe"]["jobs"] == 9
     assert s["mfu_1b"] == 0.52 and s["tokens_per_s_1b"] == 38000.0 and s["card"] == "NVIDIA H200"
     assert s["packing_efficiency_1b"] == 0.75 and abs(s["mfu_1b_doc_tokens"] - 0.39) < 1e-12
     assert s["gen_share"] == 0.3
@@ -67,6 +72,7 @@ def test_script_with_every_step_skipped_ends_with_the_summary(tmp_path: Path) ->
     assert r.returncode == 0, r.stderr[-2000:]
     last = json.loads(r.stdout.strip().splitlines()[-1])
     assert set(last) >= {"mfu_1b", "tokens_per_s_1b", "gen_share", "gen_tokens_per_s", "card"}
+    assert last["demo_gpu_probe"] is None
 
 
 @pytest.mark.slow

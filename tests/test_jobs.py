@@ -134,7 +134,13 @@ def test_demo_runs_several_at_a_time_with_the_same_results(tmp_path: Path) -> No
         assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
         assert f"{runs} runs of 6 steps, {jobs} at a time" in res.stdout
         metrics = json.loads((out / "report" / "metrics.json").read_text())
-        assert metrics["meta"]["jobs"] == jobs
+        meta = metrics["meta"]
+        assert meta["jobs"] == jobs
+        # where the time went: the three parts are within the whole; at the preset's own steps
+        # there is nothing to project
+        assert meta["train_s"] > 0 and meta["eval_s"] > 0 and meta["data_s"] >= 0
+        assert meta["data_s"] + meta["train_s"] + meta["eval_s"] <= meta["wall_s"] + 1e-6
+        assert meta["projected_full_wall_s"] is None
         return dict(metrics["per_seed"])
 
     one, three = demo(1), demo(3)
@@ -183,3 +189,25 @@ def test_bad_recipe_overrides_are_refused_before_the_data_is_built(tmp_path: Pat
     argv = ["--preset", "smoke", "--out", str(tmp_path / "out"), "--data", str(data)]
     assert main([*argv, "--model.dimm=3"]) == 2
     assert not data.exists() and not (tmp_path / "out").exists()
+
+
+def test_a_probe_projects_the_full_presets_wall_time() -> None:
+    """A run at fewer steps than its preset's (the GPU preset probed at 200 of 3,000 steps)
+    projects the full preset's wall time: training scaled by the steps, data and evaluation as
+    measured; the report says so."""
+    from loretta.demo.pipeline import projected_full_wall
+    from loretta.demo.report import time_split
+
+    meta: dict[str, object] = {
+        "steps": 200,
+        "preset_steps": 3000,
+        "data_s": 10.0,
+        "train_s": 100.0,
+        "eval_s": 50.0,
+    }
+    assert projected_full_wall(meta) == 10.0 + 50.0 + 100.0 * 15
+    assert projected_full_wall({**meta, "steps": 3000}) is None
+    meta["projected_full_wall_s"] = projected_full_wall(meta)
+    line = time_split(meta)
+    assert "training 100 s, evaluation 50 s" in line and "3000 steps about 1560 s" in line
+    assert time_split({"wall_s": 5.0}) == ""  # reports written before the split

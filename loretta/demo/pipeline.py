@@ -338,7 +338,9 @@ def run(
     # evaluation reads only `split`, after every run has trained (several at a time with jobs)
     ev = load_eval_data(data, split, preset.gallery_per_class)
     decoding = {m: method_decoding(m, preset, extra, data["val"]) for m in methods}
+    t_data = time.time()
     train_all(methods, seeds, out, data, preset, steps, nproc, extra, jobs)
+    t_train = time.time()
     per_seed: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     runs: dict[str, Path] = {}
     layout = None
@@ -361,6 +363,8 @@ def run(
     loss_plot(runs, report / "loss_per_direction.png")
     has_monitor = monitor_plot(runs, report / "monitor.png")
     accuracy_plot(summary, report / "accuracy.png")
+    raw = raw_probes(ev, layout)
+    t_end = time.time()
     meta = {
         "preset": preset_name,
         "split": split,
@@ -370,12 +374,18 @@ def run(
         "n_items": len(ev.labels),
         "gallery_per_class": preset.gallery_per_class,
         "seen_items": preset.seen_items,
-        "raw_probes": raw_probes(ev, layout),
+        "raw_probes": raw,
         "decoding": {
             m: {mod: {"temperature": t, "top_k": k} for mod, (t, k) in d.items()}
             for m, d in decoding.items()
         },
-        "wall_s": time.time() - t0,
+        "wall_s": t_end - t0,
+        # where the time went: data (building or checking the cache), training every run
+        # (0 for runs trained by an earlier call), scoring every run with probes and plots
+        "data_s": t_data - t0,
+        "train_s": t_train - t_data,
+        "eval_s": t_end - t_train,
+        "preset_steps": preset.steps,
         "monitor_plot": has_monitor,
         "nproc": nproc,
         "jobs": jobs,
@@ -385,6 +395,7 @@ def run(
         "host": host_info(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
         "preset_settings": to_dict(preset),
     }
+    meta["projected_full_wall_s"] = projected_full_wall(meta)
     metrics = {
         "meta": meta,
         "summary": summary,
@@ -394,6 +405,18 @@ def run(
     write_report(report, summary, meta)
     replace_dir(report, out / "report")
     return metrics
+
+
+def projected_full_wall(meta: dict[str, Any]) -> float | None:
+    """For a run at fewer steps than its preset's (a probe: the GPU preset at `--steps 200`), the
+    wall time of the full preset if training time grows in proportion to the steps while data
+    and evaluation stay as measured (the same items are scored whatever the steps); else None.
+    Only a first estimate: a gate that opens late makes the full run's branches cheaper than a
+    probe whose gate is off, and a trunk's share of the time is not exactly proportional."""
+    if meta["steps"] >= meta["preset_steps"]:
+        return None
+    scale = meta["preset_steps"] / meta["steps"]
+    return float(meta["data_s"] + meta["eval_s"] + meta["train_s"] * scale)
 
 
 def build_parser() -> argparse.ArgumentParser:
