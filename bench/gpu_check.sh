@@ -111,7 +111,8 @@ for f in summary.md metrics.json; do [[ -f $demo/report/$f ]] && cp "$demo/repor
 # in LoReTTa and its control (a short run never opens the gate; the faithful variant keeps it),
 # then every run scored as the preset scores it. The report's meta splits data, training and
 # evaluation time and projects the full preset's wall time (training in proportion to steps):
-# does the preset fit its hour on this card?
+# does the preset fit its hour on this card? Its data (14 x 14 x 16 SVL-digits) is built where
+# its wheels install: loretta-demo --preset gpu --data-only --data "$SVL_DATA"
 if [[ " $steps " == *" demo_gpu_probe "* ]]; then
   probe=/tmp/gpu-demo-probe
   rm -rf "$probe"

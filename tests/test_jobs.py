@@ -211,3 +211,18 @@ def test_a_probe_projects_the_full_presets_wall_time() -> None:
     line = time_split(meta)
     assert "training 100 s, evaluation 50 s" in line and "3000 steps about 1560 s" in line
     assert time_split({"wall_s": 5.0}) == ""  # reports written before the split
+
+
+def test_data_only_builds_the_presets_data_and_trains_nothing(tmp_path: Path) -> None:
+    """`loretta-demo --data-only` builds the data a GPU machine cannot (espeak-ng, MNIST wheels)
+    into the folder the preset reads, and stops; a second call finds it cached."""
+    from loretta.demo.pipeline import PRESETS, data_dir_for, main
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    argv = ["--preset", "smoke", "--data", str(data), "--out", str(out), "--data-only"]
+    assert main(argv) == 0
+    folder = data_dir_for(data, PRESETS["smoke"])
+    meta = folder / "svl_meta.json"
+    assert meta.is_file() and (folder / "val").is_dir() and not out.exists()
+    built = meta.stat().st_mtime_ns
+    assert main(argv) == 0 and meta.stat().st_mtime_ns == built

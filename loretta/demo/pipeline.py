@@ -160,6 +160,17 @@ PRESETS = {
 }
 
 
+def build_data(preset: Preset, root: Path) -> tuple[Path, dict[str, Path]]:
+    """The preset's SVL-digits under `root` (built once, then cached): its folder, and the path
+    of each dataset (vl, ls, vs, val, test)."""
+    from loretta.demo.svl_data import build_svl_digits, svl_config
+
+    folder = data_dir_for(root, preset)
+    print(f"[loretta-demo] SVL-digits data in {folder} (built once, then cached)", flush=True)
+    paths = build_svl_digits(folder, svl_config(preset.data_preset, preset.data))
+    return folder, dict(paths.datasets)
+
+
 def data_dir_for(root: Path, preset: Preset) -> Path:
     from loretta.demo.svl_data import fingerprint, svl_config
 
@@ -322,7 +333,6 @@ def run(
 ) -> dict[str, Any]:
     import torch
 
-    from loretta.demo.svl_data import build_svl_digits, svl_config
     from loretta.launch import default_nproc
     from loretta.train.metrics import host_info
 
@@ -331,10 +341,7 @@ def run(
     steps = steps or preset.steps
     nproc = nproc or default_nproc()
     jobs = jobs or preset.jobs
-    data_root = data_dir_for(data_root, preset)
-    print(f"[loretta-demo] SVL-digits data in {data_root} (built once, then cached)", flush=True)
-    paths = build_svl_digits(data_root, svl_config(preset.data_preset, preset.data))
-    data = dict(paths.datasets)
+    data_root, data = build_data(preset, data_root)
     # evaluation reads only `split`, after every run has trained (several at a time with jobs)
     ev = load_eval_data(data, split, preset.gallery_per_class)
     decoding = {m: method_decoding(m, preset, extra, data["val"]) for m in methods}
@@ -442,6 +449,12 @@ def build_parser() -> argparse.ArgumentParser:
         "on a GPU several small runs share the device",
     )
     ap.add_argument(
+        "--data-only",
+        action="store_true",
+        help="build (or check) the preset's data under --data and stop: to take it to a "
+        "machine that cannot build it",
+    )
+    ap.add_argument(
         "--svl",
         action="append",
         default=[],
@@ -491,6 +504,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"loretta-demo: error: {e}", file=sys.stderr)
         return 2
+    if a.data_only:
+        build_data(preset, Path(a.data))
+        return 0
     metrics = run(
         Path(a.out),
         a.preset,
