@@ -169,6 +169,8 @@ def test_methods_and_seeds_default_to_the_preset_and_refuse_unknown_methods() ->
     assert methods_and_seeds(cpu, "loretta,control", "7,8") == (["loretta", "control"], [7, 8])
     with pytest.raises(ValueError, match=r"--methods: unknown \['lorreta'\]; choose from"):
         methods_and_seeds(cpu, "commutative,lorreta", "")
+    with pytest.raises(ValueError, match=r"--seeds='1,a': not integers"):
+        methods_and_seeds(cpu, "", "1,a")
 
 
 def test_bad_recipe_overrides_are_refused_before_the_data_is_built(tmp_path: Path) -> None:
@@ -188,6 +190,9 @@ def test_bad_recipe_overrides_are_refused_before_the_data_is_built(tmp_path: Pat
     data = tmp_path / "data"
     argv = ["--preset", "smoke", "--out", str(tmp_path / "out"), "--data", str(data)]
     assert main([*argv, "--model.dimm=3"]) == 2
+    assert main([*argv, "--svl", "image_sid=14"]) == 2  # the data's fields too
+    assert "image_sid" not in smoke.data  # --svl changes a copy, never the shipped preset
+    assert main([*argv, "--seeds", "1,a"]) == 2
     assert not data.exists() and not (tmp_path / "out").exists()
 
 

@@ -160,6 +160,11 @@ PRESETS = {
 }
 
 
+def with_data(preset: Preset, svl: dict[str, Any]) -> Preset:
+    """The preset with some SVL-digits data fields changed (a copy: PRESETS stays as shipped)."""
+    return replace(preset, data={**preset.data, **svl})
+
+
 def build_data(preset: Preset, root: Path) -> tuple[Path, dict[str, Path]]:
     """The preset's SVL-digits under `root` (built once, then cached): its folder, and the path
     of each dataset (vl, ls, vs, val, test)."""
@@ -330,14 +335,17 @@ def run(
     extra: list[str],
     split: str = "test",
     jobs: int = 0,
+    svl: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """Train, score and report (see the module's docstring); `svl` overrides the preset's
+    SVL-digits data fields (`--svl image_side=14`)."""
     import torch
 
     from loretta.launch import default_nproc
     from loretta.train.metrics import host_info
 
     t0 = time.time()
-    preset = PRESETS[preset_name]
+    preset = with_data(PRESETS[preset_name], svl or {})
     steps = steps or preset.steps
     nproc = nproc or default_nproc()
     jobs = jobs or preset.jobs
@@ -469,7 +477,11 @@ def methods_and_seeds(preset: Preset, methods: str, seeds: str) -> tuple[list[st
     bad = [m for m in ms if m not in METHODS]
     if bad:
         raise ValueError(f"--methods: unknown {bad}; choose from {list(METHODS)}")
-    return ms, [int(x) for x in seeds.split(",") if x] or list(preset.seeds)
+    try:
+        picked = [int(x) for x in seeds.split(",") if x]
+    except ValueError:
+        raise ValueError(f"--seeds={seeds!r}: not integers; give e.g. --seeds 2000,2001") from None
+    return ms, picked or list(preset.seeds)
 
 
 def check_overrides(preset: Preset, methods: list[str], steps: int, extra: list[str]) -> None:
@@ -491,17 +503,19 @@ def check_overrides(preset: Preset, methods: list[str], steps: int, extra: list[
 
 
 def main(argv: list[str] | None = None) -> int:
-    a, extra = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
-    preset = PRESETS[a.preset]
-    for item in a.svl:
-        key, _, value = item.partition("=")
-        import yaml
+    import yaml
 
-        preset.data[key] = yaml.safe_load(value)
+    from loretta.demo.svl_data import svl_config
+    from loretta.errors import ConfigError
+
+    a, extra = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    svl = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in a.svl)}
+    preset = with_data(PRESETS[a.preset], svl)
     try:
+        svl_config(preset.data_preset, preset.data)  # --svl typos, before anything is built
         methods, seeds = methods_and_seeds(preset, a.methods, a.seeds)
         check_overrides(preset, methods, a.steps or preset.steps, extra)
-    except ValueError as e:
+    except (ValueError, ConfigError) as e:
         print(f"loretta-demo: error: {e}", file=sys.stderr)
         return 2
     if a.data_only:
@@ -518,6 +532,7 @@ def main(argv: list[str] | None = None) -> int:
         extra,
         a.split,
         a.jobs,
+        svl,
     )
     report = Path(a.out) / "report"
     print(f"\n[loretta-demo] report: {report / 'summary.md'}")
