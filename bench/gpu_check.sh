@@ -108,8 +108,8 @@ for f in summary.md metrics.json; do [[ -f $demo/report/$f ]] && cp "$demo/repor
 
 # a probe of the GPU preset in minutes (only when asked: STEPS=demo_gpu_probe): its 18 runs at
 # ${STEPS_PROBE:-200} of 3,000 steps, nine at a time, on validation, with the image link ungated
-# in LoReTTa and its control (a short run never opens the gate; the faithful variant keeps it),
-# then every run scored as the preset scores it. The report's meta splits data, training and
+# in every branch (a short run never opens the gate, a full run may: the costly case), then
+# every run scored as the preset scores it. The report's meta splits data, training and
 # evaluation time and projects the full preset's wall time (training in proportion to steps):
 # does the preset fit its hour on this card? Its data (14 x 14 x 16 SVL-digits) is built where
 # its wheels install: loretta-demo --preset gpu --data-only --data "$SVL_DATA"
@@ -118,7 +118,7 @@ if [[ " $steps " == *" demo_gpu_probe "* ]]; then
   rm -rf "$probe"
   step demo_gpu_probe $py -m loretta.demo.pipeline --preset gpu --split val \
     --steps "${STEPS_PROBE:-200}" --out "$probe" --data "${SVL_DATA:-data/svl-digits}" \
-    --methods gpt,commutative,loretta_ungated,loretta_faithful,control_ungated,ceiling \
+    --methods gpt,commutative,loretta_ungated,loretta_faithful_ungated,control_ungated,ceiling \
     --optim.warmup_steps=20 --logging.wandb=disabled
   for f in summary.md metrics.json; do
     [[ -f $probe/report/$f ]] && cp "$probe/report/$f" "$out/demo_gpu_probe_$f"

@@ -96,3 +96,23 @@ def test_generation_bench_tiny_on_cpu() -> None:
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["host_tokens_per_s"] > 0 and res["ours_tokens_per_s"] > 0
     assert 0 < res["generation_share"] < 1
+
+
+def test_the_gpu_preset_probe_command_is_valid() -> None:
+    """The demo_gpu_probe step runs only on a GPU: its methods and recipe overrides are checked
+    here as loretta-demo checks them, so that a renamed method or field cannot rot it unseen."""
+    import re
+    import shlex
+
+    from loretta.demo.pipeline import PRESETS, build_parser, check_overrides, methods_and_seeds
+
+    text = (ROOT / "bench" / "gpu_check.sh").read_text()
+    block = text[text.index("step demo_gpu_probe") :]
+    block = block[: block.index("\n  for f in")].replace("\\\n", " ")
+    words = shlex.split(re.sub(r'"\$\{[A-Z_]+:-([^}]*)\}"', r"\1", block))
+    args = words[words.index("loretta.demo.pipeline") + 1 :]
+    a, extra = build_parser().parse_known_args(args)
+    assert a.preset == "gpu" and a.split == "val" and a.steps == 200
+    methods, _ = methods_and_seeds(PRESETS["gpu"], a.methods, a.seeds)
+    assert len(methods) == 6 and all("ungated" in m for m in methods if "loretta" in m)
+    check_overrides(PRESETS["gpu"], methods, a.steps, extra)

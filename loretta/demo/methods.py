@@ -68,6 +68,11 @@ METHODS: dict[str, Method] = {
     "commutative": Method(("--objective.links=[]",)),
     "loretta": Method(branch=True),
     "loretta_faithful": Method(decode_all(1.0, 0), branch=True),
+    # the faithful variant generating images from its first transitive step: with
+    # loretta_ungated and control_ungated, what bench/gpu_check.sh's short probe of the GPU
+    # preset trains, so that all nine branches pay for pseudo-images (a short run never opens
+    # the gate, a full run may)
+    "loretta_faithful_ungated": Method((*decode_all(1.0, 0), UNGATED), branch=True),
     "loretta_greedy": Method(decode_all(1.0, 1), branch=True),
     "loretta_t05": Method(decode_all(0.5, 0), branch=True),
     "control": Method((CONTROL,), branch=True),

@@ -29,7 +29,8 @@ loretta_image_link (only the image-generating link), and loretta_image_p50 /
 loretta_image_p50_speech_p125 with their controls (each link with its own transitive_prob), and
 loretta_image_t1 / loretta_image_t05 with their controls (pseudo-images sampled, speech greedy),
 and loretta_ungated / loretta_gate02 / loretta_gate03 with their controls (the image link opened
-from the transitive start, or once its generator passes 0.2 or 0.3 on validation).
+from the transitive start, or once its generator passes 0.2 or 0.3 on validation), and
+loretta_faithful_ungated (for bench/gpu_check.sh's short probe of the GPU preset).
 """
 
 from __future__ import annotations
