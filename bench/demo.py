@@ -29,7 +29,7 @@ import json
 import time
 from pathlib import Path
 
-from loretta.demo.pipeline import PRESETS, check_overrides, methods_and_seeds, run
+from loretta.demo.pipeline import PRESETS, check_overrides, count, methods_and_seeds, run
 from loretta.demo.report import headline
 
 
@@ -40,9 +40,11 @@ def main() -> None:
     ap.add_argument("--methods", default="", help="default: the preset's")
     ap.add_argument("--out", default="runs/bench-demo")
     ap.add_argument("--data", default="data/svl-digits")
-    ap.add_argument("--steps", type=int, default=0)
-    ap.add_argument("--nproc", type=int, default=0)
-    ap.add_argument("--jobs", type=int, default=0, help="training runs at a time (0: the preset's)")
+    ap.add_argument("--steps", type=count, default=0)
+    ap.add_argument("--nproc", type=count, default=0)
+    ap.add_argument(
+        "--jobs", type=count, default=0, help="training runs at a time (0: the preset's)"
+    )
     a, extra = ap.parse_known_args()
     t0 = time.time()
     try:

@@ -193,6 +193,9 @@ def test_bad_recipe_overrides_are_refused_before_the_data_is_built(tmp_path: Pat
     assert main([*argv, "--svl", "image_sid=14"]) == 2  # the data's fields too
     assert "image_sid" not in smoke.data  # --svl changes a copy, never the shipped preset
     assert main([*argv, "--seeds", "1,a"]) == 2
+    for flag in ("--jobs", "--nproc", "--steps"):  # refused by the parser (exit 2), not mid-run
+        with pytest.raises(SystemExit, match="2"):
+            main([*argv, flag, "-3"])
     assert not data.exists() and not (tmp_path / "out").exists()
 
 

@@ -435,6 +435,17 @@ def projected_full_wall(meta: dict[str, Any]) -> float | None:
     return float(meta["data_s"] + meta["eval_s"] + meta["train_s"] * scale)
 
 
+def count(text: str) -> int:
+    """An argparse type: an integer >= 0 (0: the preset's or the machine's default)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give an integer >= 0 (0: the default)")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line parser (no side effects); unknown --section.field=value go to training."""
     ap = argparse.ArgumentParser(
@@ -446,13 +457,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--methods", default="", help="comma-separated; default: the preset's")
     ap.add_argument("--seeds", default="", help="comma-separated; default: the preset's")
     ap.add_argument("--split", default="test", choices=["val", "test"])
-    ap.add_argument("--steps", type=int, default=0, help="0: the preset's")
+    ap.add_argument("--steps", type=count, default=0, help="0: the preset's")
     ap.add_argument("--out", default="runs/svl-demo")
     ap.add_argument("--data", default="data/svl-digits", help="where the dataset is cached")
-    ap.add_argument("--nproc", type=int, default=0, help="0: 2 on a CPU, one per GPU")
+    ap.add_argument("--nproc", type=count, default=0, help="0: 2 on a CPU, one per GPU")
     ap.add_argument(
         "--jobs",
-        type=int,
+        type=count,
         default=0,
         help="training runs at a time, each with --nproc processes (0: the preset's); "
         "on a GPU several small runs share the device",
