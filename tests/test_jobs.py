@@ -177,7 +177,7 @@ def test_bad_recipe_overrides_are_refused_before_the_data_is_built(tmp_path: Pat
     """`loretta-demo --model.dimm=3` used to build the data and then die with a traceback: now
     every preset's own runs pass the check, and a typo exits 2 naming the field and the fix
     before anything is written."""
-    from loretta.demo.pipeline import PRESETS, check_overrides, main
+    from loretta.demo.pipeline import PRESETS, check_overrides, main, with_data
 
     for preset in PRESETS.values():  # the shipped presets are valid as they are
         check_overrides(preset, preset.methods, preset.steps, [])
@@ -187,6 +187,8 @@ def test_bad_recipe_overrides_are_refused_before_the_data_is_built(tmp_path: Pat
         check_overrides(smoke, ["loretta"], 6, ["--model.dimm=32"])
     with pytest.raises(ValueError, match=r"override '--sede': expected --section\.field=value"):
         check_overrides(smoke, ["commutative"], 6, ["--sede", "3"])
+    with pytest.raises(ValueError, match=r"svl\.image_sid: unknown field; did you mean"):
+        check_overrides(with_data(smoke, {"image_sid": 14}), ["commutative"], 6, [])
     data = tmp_path / "data"
     argv = ["--preset", "smoke", "--out", str(tmp_path / "out"), "--data", str(data)]
     assert main([*argv, "--model.dimm=3"]) == 2

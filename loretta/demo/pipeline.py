@@ -396,8 +396,9 @@ def run(
             for m, d in decoding.items()
         },
         "wall_s": t_end - t0,
-        # where the time went: data (building or checking the cache), training every run
-        # (0 for runs trained by an earlier call), scoring every run with probes and plots
+        # where the time went: data (building or checking the cache, loading the scored split),
+        # training every run (0 for runs trained by an earlier call), scoring every run with
+        # the probes and plots; the three add up to wall_s
         "data_s": t_data - t0,
         "train_s": t_train - t_data,
         "eval_s": t_end - t_train,
@@ -497,12 +498,18 @@ def methods_and_seeds(preset: Preset, methods: str, seeds: str) -> tuple[list[st
 
 
 def check_overrides(preset: Preset, methods: list[str], steps: int, extra: list[str]) -> None:
-    """Refuse bad recipe overrides (`--model.dimm=3`) before the data is built or a run starts:
-    each run's config as training_job will load it, the validation split named by a placeholder
-    (its path is only known once the data is built). ValueError names the method and field."""
+    """Refuse bad settings before the data is built or a run starts: the preset's data config
+    (`--svl image_sid=14`), then each run's recipe with the overrides (`--model.dimm=3`) as
+    training_job will load it, the validation split named by a placeholder (its path is only
+    known once the data is built). ValueError names the method, the field and the fix."""
     from loretta.config import load_config
+    from loretta.demo.svl_data import svl_config
     from loretta.errors import ConfigError
 
+    try:
+        svl_config(preset.data_preset, preset.data)
+    except ConfigError as e:
+        raise ValueError(str(e)) from e
     base = [f"--run.steps={steps}", *monitor_overrides(preset, Path("validation-split"))]
     need = set(methods) | ({TRUNK} if any(METHODS[m].branch for m in methods) else set())
     # the overrides alone first, so that a typo is not reported as one method's problem
@@ -517,17 +524,13 @@ def check_overrides(preset: Preset, methods: list[str], steps: int, extra: list[
 def main(argv: list[str] | None = None) -> int:
     import yaml
 
-    from loretta.demo.svl_data import svl_config
-    from loretta.errors import ConfigError
-
     a, extra = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
     svl = {k: yaml.safe_load(v) for k, _, v in (item.partition("=") for item in a.svl)}
     preset = with_data(PRESETS[a.preset], svl)
     try:
-        svl_config(preset.data_preset, preset.data)  # --svl typos, before anything is built
         methods, seeds = methods_and_seeds(preset, a.methods, a.seeds)
         check_overrides(preset, methods, a.steps or preset.steps, extra)
-    except (ValueError, ConfigError) as e:
+    except ValueError as e:
         print(f"loretta-demo: error: {e}", file=sys.stderr)
         return 2
     if a.data_only:
