@@ -111,7 +111,9 @@ for f in summary.md metrics.json; do [[ -f $demo/report/$f ]] && cp "$demo/repor
 # in every branch (a short run never opens the gate, a full run may: the costly case), then
 # every run scored as the preset scores it. The report's meta splits data, training and
 # evaluation time and projects the full preset's wall time (training in proportion to steps):
-# does the preset fit its hour on this card? Its data (14 x 14 x 16 SVL-digits) is built where
+# does the preset fit its hour on this card? Time only: its accuracies say nothing about the
+# gated preset (on validation the ungated image link lost image -> speech on a 902k-parameter
+# model, docs/demo-results/README.md). Its data (14 x 14 x 16 SVL-digits) is built where
 # its wheels install: loretta-demo --preset gpu --data-only --data "$SVL_DATA"
 if [[ " $steps " == *" demo_gpu_probe "* ]]; then
   probe=/tmp/gpu-demo-probe
