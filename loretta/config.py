@@ -143,6 +143,12 @@ class LinkConfig:
     # step, and not before objective.transitive_start. None: no gate. The opening row is saved
     # in the loader state, so a resumed run makes the same decisions
     gate: float | None = None
+    # how many monitor checks in a row must reach `gate` before it opens (1: the first that
+    # does). A check scores monitor.items_per_class items per class, so a generator just below
+    # the gate can pass one by chance, and pseudo-modalities from a generator below the gate
+    # can erode it (docs/demo-results: the ungated image link on a 902k-parameter model). The
+    # count of checks passed so far is saved in checkpoints, so a resumed run counts on
+    gate_checks: int = 1
 
 
 @dataclass
@@ -214,6 +220,11 @@ class ObjectiveConfig:
                 out.append(
                     f"{p}.links.{i}.gate={lc.gate}: must be an accuracy in [0, 1] (the monitor's "
                     f"generation/{lc.prompt}->{lc.generate} score), or null for no gate"
+                )
+            if not isinstance(lc.gate_checks, int) or lc.gate_checks < 1:
+                out.append(
+                    f"{p}.links.{i}.gate_checks={lc.gate_checks}: must be an integer >= 1 (the "
+                    "monitor checks in a row that must reach the gate; 1: the first opens it)"
                 )
         for name, v in shares:
             if 0.0 <= v <= 1.0 and v + self.all_modalities_prob > 1.0 + 1e-9:

@@ -42,6 +42,7 @@ class Link:
     index: int = 0  # its place in objective.links (the key of its gate in the loader state)
     gate: float | None = None  # monitor score that opens it (None: open from transitive_start)
     gate_metric: str = ""  # the monitor metric the gate reads (its generator's samples' class)
+    gate_checks: int = 1  # monitor checks in a row that must reach the gate to open it
 
     @property
     def prompt(self) -> int:
@@ -92,7 +93,7 @@ def resolve_links(cfg: TrainConfig, layout: VocabLayout) -> dict[int, list[Link]
         path = tuple(layout.index(m) for m in [lc.prompt, *lc.via, lc.generate])
         prob = cfg.objective.transitive_prob if lc.transitive_prob is None else lc.transitive_prob
         metric = f"monitor/generation/{lc.prompt}->{lc.generate}"
-        link = Link(path, layout.index(lc.target), prob, i, lc.gate, metric)
+        link = Link(path, layout.index(lc.target), prob, i, lc.gate, metric, lc.gate_checks)
         out.setdefault(names.index(lc.source), []).append(link)
     g = cfg.objective.generation
     for field_name, table in (
@@ -412,6 +413,21 @@ def passed_gates(
     )
     flags = reduce(flags, "min").cpu()
     return [lk for lk, f in zip(closed, flags.tolist()) if f > 0]
+
+
+def count_passes(
+    closed: list[Link], passed: list[Link], passes: dict[str, int]
+) -> tuple[dict[str, int], list[Link]]:
+    """After one monitor check: each closed link's count of checks in a row that reached its
+    gate (a check that does not resets it), and the links whose count has reached their
+    gate_checks, to open. Links not in `closed` (opened, or ungated) leave the counts. The counts
+    go into checkpoints (`Progress.gate_passes`), so a run resumed between two passing checks
+    opens at the same step as the run that was never interrupted."""
+    hit = {lk.index for lk in passed}
+    counts = {
+        str(lk.index): passes.get(str(lk.index), 0) + 1 if lk.index in hit else 0 for lk in closed
+    }
+    return counts, [lk for lk in closed if counts[str(lk.index)] >= lk.gate_checks]
 
 
 def open_gates(loader_state: dict[str, Any], links: list[Link]) -> dict[str, Any]:

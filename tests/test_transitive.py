@@ -543,6 +543,7 @@ def test_a_gated_link_opens_at_a_chunk_boundary_and_replans_the_same(abc_data: P
     [
         (["--objective.links.0.gate=1.5"], "objective.links.0.gate=1.5: must be an accuracy"),
         (["--objective.links.0.gate=0.3"], "objective.links.0.gate=0.3 needs the live monitor"),
+        (["--objective.links.0.gate_checks=0"], "objective.links.0.gate_checks=0: must be an"),
         (
             [*GATED[:4], "--monitor.generation=[[b, a]]"],
             "reads the monitor's generation/b->c score, but monitor.generation=[['b', 'a']]",
@@ -613,3 +614,78 @@ def test_a_gated_zero3_run_opens_on_the_monitor_and_resumes_exactly(
         assert {s: la[s] for s in range(step + 1, 9)} == lr, name
         n = [m for m in metrics(r) if m.get("event") == "transitive_gate"]
         assert len(n) == (1 if step < 4 else 0), (name, n)
+
+
+def test_a_gate_opens_after_its_checks_in_a_row() -> None:
+    from loretta.transitive import Link, count_passes
+
+    a = Link((0, 1), 2, 0.5, index=0, gate=0.2, gate_metric="m0", gate_checks=3)
+    b = Link((1, 0), 2, 0.5, index=1, gate=0.2, gate_metric="m1", gate_checks=1)
+    passes: dict[str, int] = {}
+    opened_at = {}
+    # a passes at checks 1, 2, fails at 3, passes at 4, 5, 6; b passes first at check 2
+    for check, passed in enumerate([[a], [a, b], [], [a], [a], [a]], start=1):
+        closed = [lk for lk in (a, b) if lk.index not in opened_at]
+        passes, opened = count_passes(closed, [lk for lk in passed if lk in closed], passes)
+        opened_at.update({lk.index: check for lk in opened})
+    assert opened_at == {1: 2, 0: 6}  # a's failed check restarted its count
+    assert passes == {"0": 3}  # an opened link leaves the counts once it is no longer closed
+
+
+def test_bad_gate_counts_in_a_checkpoint_rejected(tmp_path: Path) -> None:
+    from loretta.errors import CheckpointError
+    from loretta.train.trainer import _gate_passes
+
+    assert _gate_passes(None, tmp_path) == {}
+    assert _gate_passes({"0": 2}, tmp_path) == {"0": 2}
+    for bad in ([1], {"0": -1}, {"0": "2"}, {"0": True}):
+        with pytest.raises(CheckpointError, match="gate_passes"):
+            _gate_passes(bad, tmp_path)
+
+
+def test_a_gate_needing_two_checks_resumes_between_them(tmp_path: Path, abc_data: Path) -> None:
+    """ZeRO-3, 2 ranks: link 0 needs two monitor checks in a row (every 2 steps, gate 0 so
+    every check passes), so it opens at step 4, not 2. A job resumed from the checkpoint at
+    step 2, after the first check, counts on from it: it opens at step 4 too and trains on
+    exactly the documents and losses of the run that was never interrupted."""
+    import json
+    from dataclasses import replace
+
+    from loretta.data.synthetic import ensure_synthetic
+
+    syn = load_config("tiny_loretta").data.sources[0].synthetic
+    assert syn is not None
+    held = tmp_path / "held-out"
+    ensure_synthetic(held, replace(syn, seed=3, samples=300, present=["a", "b", "c"]))
+
+    def run(tmp: Path, *more: str) -> Path:
+        over = tiny_overrides(tmp, steps=6, data=abc_data / "ab", **{"data.audit": "true"})
+        torchrun(
+            2,
+            [
+                *("--config", "tiny_loretta", *over, f"--data.sources.1.path={abc_data / 'bc'}"),
+                *("--objective.transitive_prob=0.5", "--objective.links.0.gate=0.0"),
+                "--objective.links.0.gate_checks=2",
+                *("--monitor.interval=2", f"--monitor.data={held}"),
+                *("--monitor.generation=[[b, c]]", "--monitor.items_per_class=2"),
+                *("--checkpoint.interval=2", "--checkpoint.keep_last=10", *more),
+            ],
+        )
+        return tmp / "run"
+
+    def gate_events(r: Path) -> list[tuple[int, int]]:
+        return [
+            (m["step"], m["start_row"]) for m in metrics(r) if m.get("event") == "transitive_gate"
+        ]
+
+    a = run(tmp_path / "a")
+    # 16 rows a step: 64 rows consumed after step 4, a chunk boundary
+    assert gate_events(a) == [(4, 64)]
+    ck = a / "checkpoints" / "step_00000002"
+    assert json.loads((ck / "state.json").read_text())["gate_passes"] == {"0": 1}
+    b = run(tmp_path / "b", f"--checkpoint.resume={ck}")
+    assert gate_events(b) == [(4, 64)]
+    da = audit(a)
+    assert {s: da[s] for s in range(3, 7)} == audit(b)
+    la = losses(a)
+    assert {s: la[s] for s in range(3, 7)} == losses(b)

@@ -28,7 +28,7 @@ from loretta.data.loader import build_loader, open_sources
 from loretta.data.sequences import direction_names
 from loretta.dist import DistInfo
 from loretta.dsconfig import nvme_problems, resolve_ds_config, uses_nvme
-from loretta.errors import ConfigError
+from loretta.errors import CheckpointError, ConfigError
 from loretta.model.decoder import compile_enabled
 from loretta.objectives import Objective
 from loretta.train import checkpoint as ckpt
@@ -53,7 +53,13 @@ from loretta.train.metrics import (
 )
 from loretta.train.step import MicroBatch, dry_run_step, train_step
 from loretta.transitive import build as build_objective
-from loretta.transitive import closed_gates, gated_links, open_gates, passed_gates
+from loretta.transitive import (
+    closed_gates,
+    count_passes,
+    gated_links,
+    open_gates,
+    passed_gates,
+)
 from loretta.vocab import VocabLayout
 
 # ---- set-up: everything a user can get wrong, before any process group ----------------------
@@ -177,6 +183,8 @@ class Progress:
     mix_tokens: list[int] = field(default_factory=list)  # per source, this job's micro-batches
     read_errors: dict[int, int] = field(default_factory=dict)  # by loader worker
     overflow_dropped: int = 0  # packing drops in the chunks this rank reported (this job)
+    # gated links: monitor checks in a row that reached the gate, by link index (transitive.py)
+    gate_passes: dict[str, int] = field(default_factory=dict)
 
     def consumed(self, micro: MicroBatch, audit: Audit | None, step: int) -> None:
         self.loader_state = micro.state
@@ -195,6 +203,7 @@ class Progress:
             "wandb_id": wandb_id,
             "nan_skipped": nan_skipped,
             "data_read_errors": sum(self.read_errors.values()),
+            "gate_passes": dict(self.gate_passes),
         }
 
 
@@ -211,7 +220,23 @@ def resume(p: Prepared, eng: Any) -> Progress:
         # a checkpoint of another run (a branch) starts its own wandb run
         wandb_id=s.get("wandb_id") if _own_checkpoint(p) else None,
         nan_skipped=int(s.get("nan_skipped", 0)),  # the skip budget spans resumes
+        gate_passes=_gate_passes(s.get("gate_passes"), p.resume_dir),
     )
+
+
+def _gate_passes(raw: Any, folder: Path) -> dict[str, int]:
+    """A checkpoint's counts of gate checks passed (carried like the loader state's gate rows; a
+    checkpoint without gated links, or from before gate_checks, has none)."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in raw.values()
+    ):
+        raise CheckpointError(
+            f"{folder}/state.json: gate_passes={raw!r} must map link indices to counts >= 0; "
+            "the checkpoint is corrupt or not one of ours: resume from another checkpoint"
+        )
+    return {str(k): v for k, v in raw.items()}
 
 
 def _own_checkpoint(p: Prepared) -> bool:
@@ -343,7 +368,8 @@ def run(
             extra = step_end(callbacks, step, ctx)
             closed = closed_gates(gates, prog.loader_state) if gates else []
             if closed and step % cfg.monitor.interval == 0:  # a monitor step: its scores are in
-                opened = passed_gates(closed, extra, eng.device)
+                passed = passed_gates(closed, extra, eng.device)
+                prog.gate_passes, opened = count_passes(closed, passed, prog.gate_passes)
                 if opened:
                     prog.loader_state = open_gates(prog.loader_state, opened)
                     del data  # its workers planned rows ahead with the gates closed
@@ -357,6 +383,7 @@ def run(
                             metric=lk.gate_metric,
                             score=extra.get(lk.gate_metric),
                             gate=lk.gate,
+                            checks=lk.gate_checks,
                             start_row=rows[str(lk.index)],
                         )
             if step % cfg.logging.interval == 0 or step == cfg.run.steps:
