@@ -115,6 +115,10 @@ METHODS: dict[str, Method] = {
     # pseudo-modality's tokens too, as the authors' pseudocode applies it to every token
     "loretta_log": Method((LOSS_ON_GENERATED,), branch=True),
     "control_log": Method((LOSS_ON_GENERATED, CONTROL), branch=True),
+    # the seventh round: the shipped recipe with a gate that needs two monitor checks in a row
+    # at 0.2 (objective.links.1.gate_checks), so that one noisy check cannot open it
+    "loretta_checks2": Method(("--objective.links.1.gate_checks=2",), branch=True),
+    "control_checks2": Method(("--objective.links.1.gate_checks=2", CONTROL), branch=True),
     "ceiling": Method(("--objective.links=[]",), ceiling=True),
 }
 TRUNK = "commutative"

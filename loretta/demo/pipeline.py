@@ -30,7 +30,8 @@ loretta_image_p50_speech_p125 with their controls (each link with its own transi
 loretta_image_t1 / loretta_image_t05 with their controls (pseudo-images sampled, speech greedy),
 and loretta_ungated / loretta_gate02 / loretta_gate03 with their controls (the image link opened
 from the transitive start, or once its generator passes 0.2 or 0.3 on validation), and
-loretta_faithful_ungated (for bench/gpu_check.sh's short probe of the GPU preset).
+loretta_faithful_ungated (for bench/gpu_check.sh's short probe of the GPU preset), and
+loretta_checks2 / control_checks2 (the gate opens after two monitor checks in a row at 0.2).
 """
 
 from __future__ import annotations
