@@ -556,6 +556,36 @@ def test_bad_gates_rejected(abc_data: Path, over: list[str], msg: str) -> None:
     assert msg in str(e.value), str(e.value)
 
 
+def _held_out(tmp_path: Path) -> Path:
+    """A held-out split of the tiny recipe's synthetic data for the live monitor."""
+    from dataclasses import replace
+
+    from loretta.data.synthetic import ensure_synthetic
+
+    syn = load_config("tiny_loretta").data.sources[0].synthetic
+    assert syn is not None
+    held = tmp_path / "held-out"
+    ensure_synthetic(held, replace(syn, seed=3, samples=300, present=["a", "b", "c"]))
+    return held
+
+
+def _gated_zero3_run(tmp: Path, abc_data: Path, held: Path, steps: int, *more: str) -> Path:
+    """ZeRO-3 on 2 ranks, `tiny_loretta` on the (a, b) and (b, c) pair sets with link 0 gated
+    at 0 (every monitor check passes), the audit on and a checkpoint every 2 steps: its run
+    folder."""
+    over = tiny_overrides(tmp, steps=steps, data=abc_data / "ab", **{"data.audit": "true"})
+    torchrun(
+        2,
+        [
+            *("--config", "tiny_loretta", *over, f"--data.sources.1.path={abc_data / 'bc'}"),
+            *("--objective.transitive_prob=0.5", "--objective.links.0.gate=0.0"),
+            *(f"--monitor.data={held}", "--monitor.generation=[[b, c]]"),
+            *("--checkpoint.interval=2", "--checkpoint.keep_last=10", *more),
+        ],
+    )
+    return tmp / "run"
+
+
 def test_a_gated_zero3_run_opens_on_the_monitor_and_resumes_exactly(
     tmp_path: Path, abc_data: Path
 ) -> None:
@@ -566,28 +596,11 @@ def test_a_gated_zero3_run_opens_on_the_monitor_and_resumes_exactly(
     never interrupted."""
     import json
 
-    from loretta.data.synthetic import ensure_synthetic
-
-    cfg = load_config("tiny_loretta")
-    syn = cfg.data.sources[0].synthetic
-    assert syn is not None
-    from dataclasses import replace
-
-    held = tmp_path / "held-out"
-    ensure_synthetic(held, replace(syn, seed=3, samples=300, present=["a", "b", "c"]))
+    held = _held_out(tmp_path)
 
     def run(tmp: Path, *more: str) -> None:
-        over = tiny_overrides(tmp, steps=8, data=abc_data / "ab", **{"data.audit": "true"})
-        torchrun(
-            2,
-            [
-                *("--config", "tiny_loretta", *over, f"--data.sources.1.path={abc_data / 'bc'}"),
-                *("--objective.transitive_prob=0.5", "--objective.links.0.gate=0.0"),
-                *("--monitor.interval=4", f"--monitor.data={held}"),
-                *("--monitor.generation=[[b, c]]", "--monitor.items_per_class=3"),
-                *("--checkpoint.interval=2", "--checkpoint.keep_last=10", *more),
-            ],
-        )
+        monitor = ("--monitor.interval=4", "--monitor.items_per_class=3")
+        _gated_zero3_run(tmp, abc_data, held, 8, *monitor, *more)
 
     def link(docs: list[Any], source: int) -> int:  # transitive documents of a source's link
         return sum(1 for d in docs if d[0] == source and any(b[2] >= 0 for b in json.loads(d[-1])))
@@ -649,29 +662,14 @@ def test_a_gate_needing_two_checks_resumes_between_them(tmp_path: Path, abc_data
     step 2, after the first check, counts on from it: it opens at step 4 too and trains on
     exactly the documents and losses of the run that was never interrupted."""
     import json
-    from dataclasses import replace
 
-    from loretta.data.synthetic import ensure_synthetic
-
-    syn = load_config("tiny_loretta").data.sources[0].synthetic
-    assert syn is not None
-    held = tmp_path / "held-out"
-    ensure_synthetic(held, replace(syn, seed=3, samples=300, present=["a", "b", "c"]))
+    held = _held_out(tmp_path)
 
     def run(tmp: Path, *more: str) -> Path:
-        over = tiny_overrides(tmp, steps=6, data=abc_data / "ab", **{"data.audit": "true"})
-        torchrun(
-            2,
-            [
-                *("--config", "tiny_loretta", *over, f"--data.sources.1.path={abc_data / 'bc'}"),
-                *("--objective.transitive_prob=0.5", "--objective.links.0.gate=0.0"),
-                "--objective.links.0.gate_checks=2",
-                *("--monitor.interval=2", f"--monitor.data={held}"),
-                *("--monitor.generation=[[b, c]]", "--monitor.items_per_class=2"),
-                *("--checkpoint.interval=2", "--checkpoint.keep_last=10", *more),
-            ],
+        checks = ("--objective.links.0.gate_checks=2", "--monitor.interval=2")
+        return _gated_zero3_run(
+            tmp, abc_data, held, 6, *checks, "--monitor.items_per_class=2", *more
         )
-        return tmp / "run"
 
     def gate_events(r: Path) -> list[tuple[int, int]]:
         return [
